@@ -1,0 +1,73 @@
+"""Start the multimodal chatbot: `python app.py --help` lists the settings."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+from chatbot.config import NO_MODEL, Config, parse_args
+
+
+def configure_environment(config: Config) -> None:
+    """No calls home: set before gradio/transformers are imported, which read these once."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    if not config.hub_models():
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if config.threads:
+        os.environ["OMP_NUM_THREADS"] = str(config.threads)
+
+
+def build_service(config: Config):
+    import torch
+
+    from chatbot.decoder import GenerationSettings, load_generator
+    from chatbot.encoder import MultimodalEncoder
+    from chatbot.session import ChatService
+    from chatbot.speech import load_recognizer
+    from chatbot.vision import load_analyzers
+
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    log = logging.getLogger("app")
+    log.info("Loading the text model '%s' (the first start prepares the bundled weights, about a minute)...",
+             config.text_model)
+    generator = load_generator(config.text_model, quantization=config.quantize, max_context=config.max_context)
+    recognizer = None
+    if config.speech_model != NO_MODEL:
+        log.info("Loading the speech model '%s'...", config.speech_model)
+        recognizer = load_recognizer(config.speech_model, config.speech_language)
+    log.info("Loading the image analyzers...")
+    analyzers = load_analyzers(config.caption_model)
+    encoder = MultimodalEncoder(config.data_dir / "media", recognizer, analyzers)
+    settings = GenerationSettings(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
+                                  top_p=config.top_p, repetition_penalty=config.repetition_penalty)
+    return ChatService(encoder, generator, settings, system_prompt=config.system_prompt)
+
+
+def main(argv: list[str] | None = None) -> int:
+    config = parse_args(argv)
+    configure_environment(config)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's own start-up probes
+    from chatbot.errors import UserFacingError
+
+    try:
+        service = build_service(config)
+    except UserFacingError as error:
+        print(f"\nCannot start: {error}", file=sys.stderr)
+        return 2
+
+    from chatbot.ui import build_ui
+
+    demo = build_ui(service)
+    # One generation at a time on a small CPU; others see their place in the queue.
+    demo.queue(default_concurrency_limit=1)
+    demo.launch(server_name=config.host, server_port=config.port, allowed_paths=[str(config.data_dir / "media")],
+                show_error=False)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

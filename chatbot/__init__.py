@@ -1,0 +1,1 @@
+"""A multi-turn multimodal chatbot: dialogue state, multimodal encoder, reply decoder."""

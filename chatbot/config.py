@@ -1,0 +1,81 @@
+"""Settings for one server run, read from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import bundled
+
+NO_MODEL = "none"
+
+
+def _default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(base) / "multimodal-chatbot"
+
+
+@dataclass
+class Config:
+    host: str = "127.0.0.1"
+    port: int = 7860
+    text_model: str = "qwen2.5-0.5b"
+    quantize: str = "int8"
+    speech_model: str = "whisper-base"
+    speech_language: str | None = None
+    caption_model: str | None = None
+    max_new_tokens: int = 256
+    temperature: float = 0.7
+    top_p: float = 0.9
+    repetition_penalty: float = 1.1
+    max_context: int = 2048
+    threads: int | None = None
+    data_dir: Path = _default_data_dir()
+    system_prompt: str | None = None
+
+    def hub_models(self) -> list[str]:
+        """Model specs that are neither bundled nor local folders: loading them needs the hub."""
+        specs = [self.text_model, self.speech_model, self.caption_model]
+        local = set(bundled.CHAT_MODELS) | set(bundled.SPEECH_MODELS) | {NO_MODEL}
+        return [s for s in specs if s and s not in local and not Path(s).exists()]
+
+
+def parse_args(argv: list[str] | None = None) -> Config:
+    d = Config()
+    p = argparse.ArgumentParser(
+        prog="app.py", description="A multimodal chatbot in your browser: type, attach photos, speak. "
+        "Runs offline on the CPU with bundled models; any Hugging Face model id can be chosen instead.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    net = p.add_argument_group("server")
+    net.add_argument("--host", default=d.host, help="address to listen on (0.0.0.0 exposes it to your network)")
+    net.add_argument("--port", type=int, default=d.port)
+    net.add_argument("--data-dir", type=Path, default=d.data_dir,
+                     help="where conversations and their attachments are kept")
+    models = p.add_argument_group("models")
+    models.add_argument("--text-model", default=d.text_model,
+                        help="reply model: bundled " + ", ".join(bundled.CHAT_MODELS)
+                        + ", or a Hugging Face id / local folder (seq2seq like google/flan-t5-large, or a chat model)")
+    models.add_argument("--quantize", default=d.quantize, choices=["none", "int8", "int4"],
+                        help="weight quantization of the reply model's linear layers (faster on CPU)")
+    models.add_argument("--speech-model", default=d.speech_model,
+                        help="speech recogniser: bundled " + ", ".join(bundled.SPEECH_MODELS)
+                        + f", a Hugging Face ASR id / folder (e.g. openai/whisper-small), or '{NO_MODEL}'")
+    models.add_argument("--speech-language", default=d.speech_language,
+                        help="fix the spoken language (e.g. en, fr); default: detected per recording")
+    models.add_argument("--caption-model", default=d.caption_model,
+                        help="optional image captioning model, a Hugging Face id / folder "
+                             "(e.g. Salesforce/blip-image-captioning-base)")
+    gen = p.add_argument_group("generation")
+    gen.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
+    gen.add_argument("--temperature", type=float, default=d.temperature, help="0 for greedy decoding")
+    gen.add_argument("--top-p", type=float, default=d.top_p)
+    gen.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty)
+    gen.add_argument("--max-context", type=int, default=d.max_context,
+                     help="token budget of prompt plus reply; older turns are condensed beyond it")
+    gen.add_argument("--threads", type=int, default=d.threads, help="CPU threads for the models")
+    gen.add_argument("--system-prompt", default=d.system_prompt, help="replace the default system prompt")
+    args = p.parse_args(argv)
+    caption = None if args.caption_model in (None, NO_MODEL) else args.caption_model
+    return Config(**{**vars(args), "caption_model": caption})

@@ -1,0 +1,166 @@
+"""The reply decoder: turns rendered messages into a stream of reply text.
+
+Two backends share one streaming loop: causal chat models (prompt built with
+the tokenizer's chat template) and seq2seq models such as T5/Flan-T5/BART
+(prompt written as plain dialogue text). `load_generator` picks the backend
+from the model's config, never from its name.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    StoppingCriteria,
+    StoppingCriteriaList,
+    TextIteratorStreamer,
+)
+
+from . import bundled
+from .errors import UserFacingError
+from .quantize import quantize
+from .state import Message
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class GenerationSettings:
+    max_new_tokens: int = 256
+    temperature: float = 0.7  # 0 means greedy decoding
+    top_p: float = 0.9
+    repetition_penalty: float = 1.1
+
+    def generate_kwargs(self) -> dict:
+        sampling = self.temperature > 0
+        kwargs = dict(max_new_tokens=self.max_new_tokens, do_sample=sampling,
+                      repetition_penalty=self.repetition_penalty)
+        if sampling:
+            kwargs.update(temperature=self.temperature, top_p=self.top_p)
+        else:
+            # Explicitly unset sampling knobs a checkpoint's generation_config may carry.
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        return kwargs
+
+
+class _StopOnEvent(StoppingCriteria):
+    """Ends generation at the next token once any of this request's events is set."""
+
+    def __init__(self, *events: threading.Event):
+        self.events = events
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        stopped = any(e.is_set() for e in self.events)
+        return torch.full((input_ids.shape[0],), stopped, dtype=torch.bool, device=input_ids.device)
+
+
+class ReplyGenerator(ABC):
+    """A loaded language model that streams replies to a list of messages."""
+
+    def __init__(self, name: str, model, tokenizer, context_tokens: int):
+        self.name = name
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.context_tokens = context_tokens
+        # One generation at a time: the CPU has few cores and concurrent runs only slow each other.
+        self._lock = threading.Lock()
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def prompt_budget(self, settings: GenerationSettings) -> int:
+        """How many tokens the rendered conversation may take, leaving room for the reply."""
+        return max(64, self.context_tokens - settings.max_new_tokens)
+
+    @abstractmethod
+    def encode_prompt(self, messages: list[Message]) -> dict[str, torch.Tensor]:
+        """Tokenised model inputs for `messages` (batch of one)."""
+
+    def stream(self, messages: list[Message], settings: GenerationSettings,
+               stop: threading.Event | None = None) -> Iterator[str]:
+        """Yield the reply in pieces as it is generated; setting `stop` ends it early."""
+        stop = stop or threading.Event()
+        abandoned = threading.Event()  # our own signal, so the caller's `stop` keeps meaning "user asked"
+        inputs = self.encode_prompt(messages)
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            try:
+                with self._lock, torch.inference_mode():
+                    if not stop.is_set():
+                        self.model.generate(**inputs, **settings.generate_kwargs(), streamer=streamer,
+                                            stopping_criteria=StoppingCriteriaList([_StopOnEvent(stop, abandoned)]),
+                                            pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id)
+            except BaseException as error:  # surfaced in the consumer's thread below
+                failure.append(error)
+            finally:
+                streamer.end()
+
+        worker = threading.Thread(target=run, name="generate", daemon=True)
+        worker.start()
+        try:
+            for piece in streamer:
+                if piece:
+                    yield piece
+        finally:
+            # Also reached when the consumer goes away (closed tab): free the CPU at once.
+            abandoned.set()
+            worker.join()
+        if failure:
+            raise failure[0]
+
+
+class CausalChatGenerator(ReplyGenerator):
+    """Decoder-only chat models; the prompt comes from the tokenizer's chat template."""
+
+    def encode_prompt(self, messages: list[Message]) -> dict[str, torch.Tensor]:
+        chat = [{"role": m.role, "content": m.content} for m in messages]
+        return self.tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_dict=True,
+                                                  return_tensors="pt")
+
+
+class Seq2SeqGenerator(ReplyGenerator):
+    """Encoder-decoder models (T5, Flan-T5, BART): the dialogue goes to the encoder as text."""
+
+    _SPEAKER = {"user": "User", "assistant": "Assistant"}
+
+    def encode_prompt(self, messages: list[Message]) -> dict[str, torch.Tensor]:
+        lines = [m.content if m.role == "system" else f"{self._SPEAKER[m.role]}: {m.content}" for m in messages]
+        prompt = "\n".join(lines + ["Assistant:"])
+        return self.tokenizer(prompt, return_tensors="pt", truncation=True, max_length=self.context_tokens)
+
+
+def load_generator(spec: str, *, quantization: str = "none", max_context: int = 2048) -> ReplyGenerator:
+    """Load a bundled model key, a local directory or a Hugging Face hub id.
+
+    Raises UserFacingError with the reason when the model cannot be loaded.
+    """
+    try:
+        path = str(bundled.CHAT_MODELS[spec].checkpoint_dir()) if spec in bundled.CHAT_MODELS else spec
+        config = AutoConfig.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        backend = Seq2SeqGenerator if config.is_encoder_decoder else CausalChatGenerator
+        auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+        model = auto.from_pretrained(path, dtype=torch.float32)
+    except Exception as error:  # noqa: BLE001 - any loading failure gets the same clear message
+        hint = "" if Path(spec).exists() or spec in bundled.CHAT_MODELS else (
+            " (not a local folder; downloading it from the Hugging Face hub needs internet access)")
+        raise UserFacingError(f"Could not load the text model '{spec}'{hint}: {error}") from error
+    if backend is CausalChatGenerator and not tokenizer.chat_template:
+        raise UserFacingError(f"The text model '{spec}' is a causal model without a chat template; "
+                              "choose an instruction-tuned (chat) model")
+    model = quantize(model, quantization)
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or max_context
+    log.info("Loaded text model %s (%s, %s)", spec, backend.__name__, quantization)
+    return backend(spec, model, tokenizer, min(max_context, limit))

@@ -1,0 +1,240 @@
+"""The dialogue state: the single source of truth for one conversation.
+
+A conversation is a list of typed turns. A user turn carries what was typed,
+the files attached to it (photos, recordings) and the observations the
+multimodal encoder derived from them (a transcript, the text in a photo...).
+`Conversation.render` turns this into the plain messages a decoder reads,
+within a token budget.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from typing import Callable
+
+DEFAULT_SYSTEM_PROMPT = (
+    "You are a friendly, helpful assistant in a chat app. Users can type, attach photos and "
+    "speak. You cannot see photos or hear audio directly: you get notes about each attachment "
+    "in square brackets (text read from a photo, what was detected in it, a transcript of "
+    "speech). Use those notes and everything said earlier in the conversation. Answer briefly."
+)
+
+
+class Role(str, Enum):
+    SYSTEM = "system"
+    USER = "user"
+    ASSISTANT = "assistant"
+
+
+class AttachmentKind(str, Enum):
+    IMAGE = "image"
+    AUDIO = "audio"
+
+
+# What a user calls each kind of attachment; used for numbering ("Photo 2").
+_KIND_LABEL = {AttachmentKind.IMAGE: "Photo", AttachmentKind.AUDIO: "Recording"}
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+@dataclass
+class Attachment:
+    """A file the user attached; `path` points at a copy the app owns."""
+
+    kind: AttachmentKind
+    path: str
+    sha256: str
+    name: str = ""
+    label: str = ""  # "Photo 1", given by the conversation when the turn is added
+
+    def __post_init__(self) -> None:
+        self.kind = AttachmentKind(self.kind)
+
+
+@dataclass
+class Observation:
+    """Something the encoder derived from an attachment, as text the decoder can read."""
+
+    kind: str  # e.g. "transcript", "ocr", "caption", "faces", "colours"
+    text: str
+    attachment: str = ""  # sha256 of the attachment it describes; "" for the whole turn
+    source: str = ""  # which encoder produced it
+
+
+@dataclass
+class Turn:
+    role: Role
+    text: str = ""
+    attachments: list[Attachment] = field(default_factory=list)
+    observations: list[Observation] = field(default_factory=list)
+    id: str = field(default_factory=new_id)
+    created: float = field(default_factory=time.time)
+    interrupted: bool = False  # an assistant reply stopped before it finished
+    notice: bool = False  # shown in the chat but never sent to the model (e.g. a rejected upload)
+
+    def __post_init__(self) -> None:
+        self.role = Role(self.role)
+        self.attachments = [a if isinstance(a, Attachment) else Attachment(**a) for a in self.attachments]
+        self.observations = [o if isinstance(o, Observation) else Observation(**o) for o in self.observations]
+
+    def notes_for(self, attachment: Attachment) -> list[Observation]:
+        return [o for o in self.observations if o.attachment == attachment.sha256]
+
+    def attachment_note(self, attachment: Attachment) -> str:
+        """One bracketed line that tells the decoder what an attachment holds."""
+        notes = self.notes_for(attachment)
+        if attachment.kind is AttachmentKind.AUDIO:
+            # The transcript is the user's own words: leave it unbracketed so the model answers it.
+            spoken = " ".join(o.text for o in notes if o.kind == "transcript").strip()
+            extra = "".join(f", {o.text}" for o in notes if o.kind != "transcript")
+            return f"[{attachment.label}: a voice message{extra}]\n" + (spoken or "(no recognisable speech)")
+        details = "; ".join(o.text for o in notes) or "no details could be extracted"
+        return f"[{attachment.label} ({attachment.name or 'image'}): {details}]"
+
+    def model_text(self) -> str:
+        """The turn as the decoder reads it: attachment notes, then what was typed."""
+        lines = [self.attachment_note(a) for a in self.attachments]
+        lines += [o.text for o in self.observations if not o.attachment]
+        if self.text:
+            lines.append(self.text)
+        return "\n".join(lines)
+
+
+@dataclass
+class Message:
+    """One message as handed to a decoder (chat-template style)."""
+
+    role: str
+    content: str
+
+
+@dataclass
+class Conversation:
+    id: str = field(default_factory=new_id)
+    title: str = ""
+    system_prompt: str = DEFAULT_SYSTEM_PROMPT
+    turns: list[Turn] = field(default_factory=list)
+    created: float = field(default_factory=time.time)
+
+    def __post_init__(self) -> None:
+        self.turns = [t if isinstance(t, Turn) else Turn(**t) for t in self.turns]
+
+    # -- building -----------------------------------------------------------------
+    def add_user_turn(self, turn: Turn) -> Turn:
+        """Append a user turn, numbering its attachments per kind across the conversation."""
+        counts = {kind: 0 for kind in AttachmentKind}
+        for earlier in self.turns:
+            for a in earlier.attachments:
+                counts[a.kind] += 1
+        for a in turn.attachments:
+            counts[a.kind] += 1
+            a.label = a.label or f"{_KIND_LABEL[a.kind]} {counts[a.kind]}"
+        if not self.title:
+            self.title = _title_from(turn)
+        self.turns.append(turn)
+        return turn
+
+    def add_assistant_turn(self, text: str, interrupted: bool = False) -> Turn:
+        turn = Turn(role=Role.ASSISTANT, text=text, interrupted=interrupted)
+        self.turns.append(turn)
+        return turn
+
+    def attachments(self) -> list[Attachment]:
+        return [a for t in self.turns for a in t.attachments]
+
+    # -- rendering ----------------------------------------------------------------
+    def render(self, count_tokens: Callable[[str], int], budget: int) -> list[Message]:
+        """Messages for the decoder whose total token count stays within `budget`.
+
+        The system prompt and the newest turn always stay. When the history is
+        too long the oldest turns are dropped whole, and what they held is
+        condensed into a note in the system message: every attachment's notes
+        first (later turns often refer back to a photo or recording), then the
+        user's own words, newest first, shortened if need be.
+        """
+        turns = [t for t in self.turns if not t.notice and (t.text or t.attachments or t.observations)]
+        messages = [Message(t.role.value, t.model_text()) for t in turns]
+        cost = [count_tokens(m.content) + _MESSAGE_OVERHEAD for m in messages]
+        base = count_tokens(self.system_prompt) + _MESSAGE_OVERHEAD
+        last = len(turns) - 1
+        first = 0
+        note = ""
+        if base + sum(cost) > budget:
+            # Leave a quarter of the budget for the condensed note, then make sure it fits.
+            reserve = budget // 4
+            while first < last and base + reserve + sum(cost[first:]) > budget:
+                first = self._next_window_start(turns, first)
+            while True:
+                note = self._condensed(turns[:first], count_tokens, budget - base - sum(cost[first:]))
+                if first >= last or base + count_tokens(note) + sum(cost[first:]) <= budget:
+                    break
+                first = self._next_window_start(turns, first)
+        system = self.system_prompt + (f"\n\n{note}" if note else "")
+        return [Message(Role.SYSTEM.value, system)] + messages[first:]
+
+    @staticmethod
+    def _next_window_start(turns: list[Turn], first: int) -> int:
+        """Drop one more turn; a reply without its question confuses models, so start on a user turn."""
+        first += 1
+        while first < len(turns) - 1 and turns[first].role is not Role.USER:
+            first += 1
+        return first
+
+    @staticmethod
+    def _condensed(dropped: list[Turn], count_tokens: Callable[[str], int], room: int) -> str:
+        if not dropped:
+            return ""
+        header = "Earlier in this conversation (condensed):"
+        facts = [f"- {t.attachment_note(a)}" for t in dropped for a in t.attachments]
+        said = [f'- The user said: "{_shorten(t.text, 200)}"' for t in reversed(dropped)
+                if t.role is Role.USER and t.text]
+        lines = [header] + facts
+        for line in said:  # newest words first; stop adding when out of room
+            if count_tokens("\n".join(lines + [line])) > room:
+                break
+            lines.append(line)
+        return "\n".join(lines)
+
+    # -- serialisation --------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return json.loads(json.dumps(asdict(self), default=_enum_value))
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Conversation":
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), ensure_ascii=False, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Conversation":
+        return cls.from_dict(json.loads(text))
+
+
+# Chat templates wrap each message in a few special tokens.
+_MESSAGE_OVERHEAD = 6
+
+
+def _enum_value(value):
+    if isinstance(value, Enum):
+        return value.value
+    raise TypeError(f"not JSON serialisable: {value!r}")
+
+
+def _shorten(text: str, limit: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
+
+
+def _title_from(turn: Turn) -> str:
+    if turn.text.strip():
+        return _shorten(turn.text, 60)
+    if turn.attachments:
+        return f"{_KIND_LABEL[turn.attachments[0].kind]} {turn.attachments[0].name}".strip()
+    return ""

@@ -1,0 +1,66 @@
+"""Shared fixtures. Nothing here reaches the network: tiny models are built, real ones come from pip packages."""
+
+import os
+import shutil
+from pathlib import Path
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+import pytest  # noqa: E402
+
+from tests.tiny_models import build_tiny_causal, build_tiny_t5  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_t5_dir(tmp_path_factory):
+    return build_tiny_t5(tmp_path_factory.mktemp("tiny-t5"))
+
+
+@pytest.fixture(scope="session")
+def tiny_causal_dir(tmp_path_factory):
+    return build_tiny_causal(tmp_path_factory.mktemp("tiny-causal"))
+
+
+@pytest.fixture(scope="session")
+def app_server(tmp_path_factory):
+    """The real app (bundled models) served on a free local port, shared by API and browser tests."""
+    from tests.server import AppServer
+
+    with AppServer(tmp_path_factory.mktemp("app-data")) as server:
+        yield server
+
+
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                  # A fake microphone that "speaks" a committed recording.
+                  "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream"]
+FAKE_MIC_WAV = Path(__file__).parent / "data" / "capital_of_france.wav"
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Debian's Chromium driven by Playwright (no browser download)."""
+    chromium = shutil.which("chromium") or "/usr/bin/chromium"
+    if not Path(chromium).exists():
+        message = "Chromium is not installed (Debian: apt-get install chromium)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        args = CHROMIUM_FLAGS + [f"--use-file-for-fake-audio-capture={FAKE_MIC_WAV}"]
+        instance = playwright.chromium.launch(executable_path=chromium, args=args)
+        yield instance
+        instance.close()
+
+
+@pytest.fixture
+def page(browser, app_server):
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    tab = context.new_page()
+    tab.goto(app_server.url, wait_until="load")
+    yield tab
+    context.close()

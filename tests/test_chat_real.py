@@ -1,0 +1,28 @@
+"""The real bundled chat model holds a multi-turn conversation (no tiny stand-ins here)."""
+
+import pytest
+
+from chatbot.config import Config
+from chatbot.decoder import GenerationSettings, load_generator
+from chatbot.encoder import MultimodalEncoder
+from chatbot.session import ChatService
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory):
+    defaults = Config()
+    generator = load_generator(defaults.text_model, quantization=defaults.quantize)
+    encoder = MultimodalEncoder(tmp_path_factory.mktemp("media"))
+    return ChatService(encoder, generator, GenerationSettings(max_new_tokens=48, temperature=0))
+
+
+def test_a_fact_from_the_first_turn_is_used_two_turns_later(service):
+    conv = service.new_conversation()
+    replies = [list(service.respond(conv, text))[-1] for text in (
+        "Hi! My name is Ana and I live in Lisbon.",
+        "What is 12 plus 30?",
+        "Remind me, what is my name?",
+    )]
+    assert "42" in replies[1]
+    assert "Ana" in replies[2]
+    assert len(conv.turns) == 6 and not any(t.interrupted for t in conv.turns)
