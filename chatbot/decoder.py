@@ -21,6 +21,7 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForSeq2SeqLM,
     AutoTokenizer,
+    DynamicCache,
     StoppingCriteria,
     StoppingCriteriaList,
     TextIteratorStreamer,
@@ -28,6 +29,7 @@ from transformers import (
 
 from . import bundled
 from .errors import UserFacingError
+from .prefix_cache import PrefixCache
 from .quantize import quantize
 from .state import Message
 
@@ -67,6 +69,8 @@ class _StopOnEvent(StoppingCriteria):
 class ReplyGenerator(ABC):
     """A loaded language model that streams replies to a list of messages."""
 
+    prefix_cache: PrefixCache | None = None  # set by backends whose prompts grow turn by turn
+
     def __init__(self, name: str, model, tokenizer, context_tokens: int):
         self.name = name
         self.model = model.eval()
@@ -99,9 +103,14 @@ class ReplyGenerator(ABC):
             try:
                 with self._lock, torch.inference_mode():
                     if not stop.is_set():
-                        self.model.generate(**inputs, **settings.generate_kwargs(), streamer=streamer,
-                                            stopping_criteria=StoppingCriteriaList([_StopOnEvent(stop, abandoned)]),
-                                            pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id)
+                        cache = self._reusable_cache(inputs["input_ids"][0])
+                        sequences = self.model.generate(
+                            **inputs, **settings.generate_kwargs(), streamer=streamer,
+                            stopping_criteria=StoppingCriteriaList([_StopOnEvent(stop, abandoned)]),
+                            pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
+                            **({"past_key_values": cache} if cache is not None else {}))
+                        if cache is not None:
+                            self.prefix_cache.put(sequences[0], cache)
             except BaseException as error:  # surfaced in the consumer's thread below
                 failure.append(error)
             finally:
@@ -121,8 +130,28 @@ class ReplyGenerator(ABC):
             raise failure[0]
 
 
+    def _reusable_cache(self, ids: torch.Tensor):
+        """A KV cache already holding the longest known prefix of `ids` (or an empty one to fill)."""
+        if self.prefix_cache is None:
+            return None
+        return self.prefix_cache.take(ids) or DynamicCache(config=self.model.config)
+
+
 class CausalChatGenerator(ReplyGenerator):
     """Decoder-only chat models; the prompt comes from the tokenizer's chat template."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.prefix_cache = PrefixCache()
+
+    def prefill(self, messages: list[Message]) -> None:
+        """Read a prompt prefix (e.g. the system prompt) ahead of time so first turns start faster."""
+        chat = [{"role": m.role, "content": m.content} for m in messages]
+        ids = self.tokenizer.apply_chat_template(chat, return_dict=True, return_tensors="pt")["input_ids"]
+        cache = DynamicCache(config=self.model.config)
+        with self._lock, torch.inference_mode():
+            self.model(input_ids=ids, past_key_values=cache, use_cache=True)
+            self.prefix_cache.put(ids[0], cache)
 
     def encode_prompt(self, messages: list[Message]) -> dict[str, torch.Tensor]:
         chat = [{"role": m.role, "content": m.content} for m in messages]

@@ -166,25 +166,33 @@ class Conversation:
         first = 0
         note = ""
         if base + sum(cost) > budget:
-            # Leave a quarter of the budget for the condensed note, then make sure it fits.
-            reserve = budget // 4
-            while first < last and base + reserve + sum(cost[first:]) > budget:
-                first = self._next_window_start(turns, first)
+            reserve = budget // 4  # room for the condensed note
+            starts = self._window_starts(turns, cost, step=budget // 2)
+            first = next(s for s in starts if s == last or base + reserve + sum(cost[s:]) <= budget)
             while True:
-                note = self._condensed(turns[:first], count_tokens, budget - base - sum(cost[first:]))
+                note = self._condensed(turns[:first], count_tokens, reserve)
                 if first >= last or base + count_tokens(note) + sum(cost[first:]) <= budget:
                     break
-                first = self._next_window_start(turns, first)
+                first = next(s for s in starts if s > first)
         system = self.system_prompt + (f"\n\n{note}" if note else "")
         return [Message(Role.SYSTEM.value, system)] + messages[first:]
 
     @staticmethod
-    def _next_window_start(turns: list[Turn], first: int) -> int:
-        """Drop one more turn; a reply without its question confuses models, so start on a user turn."""
-        first += 1
-        while first < len(turns) - 1 and turns[first].role is not Role.USER:
-            first += 1
-        return first
+    def _window_starts(turns: list[Turn], cost: list[int], step: int) -> list[int]:
+        """Where the kept window may begin: user turns at every `step` tokens of history.
+
+        They depend only on earlier turns, so they do not move as the conversation
+        grows; the rendered prefix then stays the same for many turns in a row and
+        the decoder can reuse its cache for it. (A reply without its question
+        confuses models, hence user turns.) The newest turn is always a candidate.
+        """
+        starts, seen, mark = [], 0, step
+        for i, turn in enumerate(turns):
+            if turn.role is Role.USER and seen >= mark:
+                starts.append(i)
+                mark = (seen // step + 1) * step
+            seen += cost[i]
+        return starts + [len(turns) - 1]
 
     @staticmethod
     def _condensed(dropped: list[Turn], count_tokens: Callable[[str], int], room: int) -> str:
@@ -195,7 +203,7 @@ class Conversation:
         said = [f'- The user said: "{_shorten(t.text, 200)}"' for t in reversed(dropped)
                 if t.role is Role.USER and t.text]
         lines = [header] + facts
-        for line in said:  # newest words first; stop adding when out of room
+        for line in said:  # newest words first, while they fit
             if count_tokens("\n".join(lines + [line])) > room:
                 break
             lines.append(line)

@@ -118,3 +118,16 @@ def test_json_round_trip_is_lossless():
     assert again.to_json() == conv.to_json()
     assert isinstance(again.turns[0].attachments[0].kind, AttachmentKind)
     assert again.turns[-1].interrupted
+
+
+def test_rendered_prefix_stays_stable_for_many_turns_so_caches_can_be_reused():
+    conv, budget, renders = Conversation(), 600, []
+    for i in range(60):
+        conv.add_user_turn(Turn(role="user", text=f"question {i} " + "filler " * 15))
+        renders.append(conv.render(words, budget))
+        conv.add_assistant_turn(f"answer {i} " + "words " * 15)
+    assert all(sum(words(m.content) + 6 for m in r) <= budget for r in renders)
+    # A render "extends" the previous one when the previous messages (minus the current question) are its prefix.
+    extends = [now[:len(before) - 1] == before[:-1] for before, now in zip(renders, renders[1:])]
+    assert sum(extends) >= 0.75 * len(extends)
+    assert not all(extends)  # the window did move: the budget was exceeded

@@ -1,0 +1,65 @@
+"""Reuse of attention key/value caches across prompts that start the same way.
+
+Each turn of a chat resends the whole conversation, but all of it except the
+newest exchange was already read by the model last turn. Keeping the KV cache
+of recent prompts lets the decoder read only the new tail, so the time to the
+first token does not grow with the length of the history.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+from transformers import Cache
+
+
+@dataclass(eq=False)  # entries are compared by identity; tensors have no truth value
+class _Entry:
+    ids: torch.Tensor  # the tokens the cache holds, 1-D
+    cache: Cache
+
+
+def common_prefix_length(a: torch.Tensor, b: torch.Tensor) -> int:
+    n = min(len(a), len(b))
+    same = a[:n] == b[:n]
+    return n if bool(same.all()) else int(same.to(torch.int8).argmin())
+
+
+class PrefixCache:
+    """A few recent KV caches, looked up by longest shared token prefix. Not thread-safe:
+    the decoder uses it under its generation lock."""
+
+    def __init__(self, slots: int = 8, min_reuse: int = 8):
+        self.slots = slots
+        self.min_reuse = min_reuse  # shorter matches are not worth a copy
+        self._entries: list[_Entry] = []  # least recently used first
+
+    def take(self, ids: torch.Tensor) -> Cache | None:
+        """A private copy of the best cache for prompt `ids`, cropped to the shared prefix."""
+        best, best_len = None, 0
+        for entry in self._entries:
+            length = common_prefix_length(entry.ids, ids)
+            if length > best_len:
+                best, best_len = entry, length
+        # At least one prompt token must still go through the model to produce the next-token logits.
+        keep = min(best_len, len(ids) - 1)
+        if best is None or keep < self.min_reuse:
+            return None
+        self._entries.remove(best)
+        self._entries.append(best)
+        cache = copy.deepcopy(best.cache)  # the stored one stays valid for other conversations / a regenerate
+        cache.crop(keep - cache.get_seq_length())
+        return cache
+
+    def put(self, ids: torch.Tensor, cache: Cache) -> None:
+        """Remember that `cache` holds the keys/values of `ids`."""
+        ids = ids[: cache.get_seq_length()].clone()
+        # An entry this one extends is superseded (the same conversation, one turn later).
+        self._entries = [e for e in self._entries if common_prefix_length(e.ids, ids) < len(e.ids)]
+        self._entries.append(_Entry(ids, cache))
+        del self._entries[: -self.slots]
+
+    def __len__(self) -> int:
+        return len(self._entries)

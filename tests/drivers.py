@@ -1,0 +1,67 @@
+"""How tests talk to the running app: through gradio_client (API) or Chromium (browser)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from gradio_client import Client, handle_file
+from playwright.sync_api import Page, expect
+
+REPLY_TIMEOUT_MS = 180_000
+
+
+# -- API ----------------------------------------------------------------------------------
+def text_of(message: dict) -> str:
+    """Gradio 6 message content is a list of typed parts; join the text ones."""
+    content = message["content"]
+    if isinstance(content, str):
+        return content
+    return " ".join(part.get("text", "") for part in content if part.get("type") == "text")
+
+
+def files_of(message: dict) -> list[dict]:
+    return [part["file"] for part in message["content"] if isinstance(part, dict) and part.get("type") == "file"]
+
+
+def api_send(client: Client, text: str, files: tuple[Path | str, ...] = ()) -> list[dict]:
+    """One chat turn through the `/chat` endpoint; returns the whole conversation as shown."""
+    chat, *_ = client.predict({"text": text, "files": [handle_file(str(f)) for f in files]}, api_name="/chat")
+    return chat
+
+
+# -- browser --------------------------------------------------------------------------------
+def wait_for_reply(page: Page, bots_before: int, seen: list[str] | None = None) -> str:
+    """Wait for a new bot message and for it to finish streaming; optionally record partial states."""
+    bots = page.get_by_test_id("bot")
+    expect(bots).to_have_count(bots_before + 1, timeout=REPLY_TIMEOUT_MS)
+    box = page.get_by_test_id("textbox")
+    deadline = time.monotonic() + REPLY_TIMEOUT_MS / 1000
+    # The input is locked while the reply streams.
+    while box.is_disabled() and time.monotonic() < deadline:
+        if seen is not None:
+            seen.append(bots.last.inner_text())
+        time.sleep(0.05)
+    expect(box).to_be_enabled()
+    return bots.last.inner_text()
+
+
+def browser_send(page: Page, text: str, files: tuple[Path | str, ...] = ()) -> str:
+    """Type (and attach), press Enter, return the finished reply."""
+    before = page.get_by_test_id("bot").count()
+    if files:
+        page.get_by_test_id("file-upload").set_input_files([str(f) for f in files])
+        expect(page.locator(".thumbnail-item, .thumbnails img, [data-testid='file-preview']").first).to_be_visible()
+    box = page.get_by_test_id("textbox")
+    box.fill(text)
+    box.press("Enter")
+    return wait_for_reply(page, before)
+
+
+def browser_record(page: Page, seconds: float) -> None:
+    """Record from the (fake) microphone through the chat box and attach the recording."""
+    page.get_by_test_id("microphone-button").click()
+    page.get_by_role("button", name="Start recording").click()
+    time.sleep(seconds)
+    page.get_by_role("button", name="Stop recording").click()
+    page.get_by_role("button", name="Attach audio").click()
