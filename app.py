@@ -25,11 +25,13 @@ def build_service(config: Config):
     from chatbot.decoder import GenerationSettings, load_generator
     from chatbot.encoder import MultimodalEncoder
     from chatbot.session import ChatService
+    from chatbot.store import ConversationStore
     from chatbot.speech import load_recognizer
     from chatbot.vision import load_analyzers
 
     if config.threads:
         torch.set_num_threads(config.threads)
+    store = ConversationStore(config.data_dir)  # first: a bad data dir fails before minutes of model loading
     log = logging.getLogger("app")
     log.info("Loading the text model '%s' (the first start prepares the bundled weights, about a minute)...",
              config.text_model)
@@ -40,10 +42,10 @@ def build_service(config: Config):
         recognizer = load_recognizer(config.speech_model, config.speech_language)
     log.info("Loading the image analyzers...")
     analyzers = load_analyzers(config.caption_model)
-    encoder = MultimodalEncoder(config.data_dir / "media", recognizer, analyzers)
+    encoder = MultimodalEncoder(store.media_dir, recognizer, analyzers)
     settings = GenerationSettings(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
                                   top_p=config.top_p, repetition_penalty=config.repetition_penalty)
-    return ChatService(encoder, generator, settings, system_prompt=config.system_prompt)
+    return ChatService(encoder, generator, store, settings, system_prompt=config.system_prompt)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,13 +61,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nCannot start: {error}", file=sys.stderr)
         return 2
 
+    from chatbot.session import persistent_secret
     from chatbot.ui import build_ui
 
-    demo = build_ui(service)
-    # One generation at a time on a small CPU; others see their place in the queue.
+    # The secret that encrypts each browser's owner key must outlive restarts, or browsers lose their lists.
+    demo = build_ui(service, persistent_secret(config.data_dir / "browser-secret"), config.concurrency)
     demo.queue(default_concurrency_limit=1)
-    demo.launch(server_name=config.host, server_port=config.port, allowed_paths=[str(config.data_dir / "media")],
-                show_error=False)
+    # Only the media folder is served (files named by their SHA-256); the database is not.
+    demo.launch(server_name=config.host, server_port=config.port, allowed_paths=[str(service.store.media_dir)],
+                auth=config.auth, show_error=False)
     return 0
 
 

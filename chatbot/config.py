@@ -34,12 +34,21 @@ class Config:
     threads: int | None = None
     data_dir: Path = _default_data_dir()
     system_prompt: str | None = None
+    auth: list[tuple[str, str]] | None = None
+    concurrency: int = 1
 
     def hub_models(self) -> list[str]:
         """Model specs that are neither bundled nor local folders: loading them needs the hub."""
         specs = [self.text_model, self.speech_model, self.caption_model]
         local = set(bundled.CHAT_MODELS) | set(bundled.SPEECH_MODELS) | {NO_MODEL}
         return [s for s in specs if s and s not in local and not Path(s).exists()]
+
+
+def _user_password(value: str) -> tuple[str, str]:
+    user, sep, password = value.partition(":")
+    if not sep or not user or not password:
+        raise argparse.ArgumentTypeError("expected USER:PASSWORD")
+    return user, password
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
@@ -52,7 +61,12 @@ def parse_args(argv: list[str] | None = None) -> Config:
     net.add_argument("--host", default=d.host, help="address to listen on (0.0.0.0 exposes it to your network)")
     net.add_argument("--port", type=int, default=d.port)
     net.add_argument("--data-dir", type=Path, default=d.data_dir,
-                     help="where conversations and their attachments are kept")
+                     help="where conversations (an SQLite database) and their attachments are kept")
+    net.add_argument("--auth", action="append", type=_user_password, metavar="USER:PASSWORD",
+                     help="require signing in (repeat for more users); each user then sees only their own "
+                          "conversations, on any browser. Use it whenever the server is reachable beyond localhost")
+    net.add_argument("--concurrency", type=int, default=d.concurrency,
+                     help="replies generated at the same time; further requests wait in a queue and see their place")
     models = p.add_argument_group("models")
     models.add_argument("--text-model", default=d.text_model,
                         help="reply model: bundled " + ", ".join(bundled.CHAT_MODELS)
@@ -77,5 +91,7 @@ def parse_args(argv: list[str] | None = None) -> Config:
     gen.add_argument("--threads", type=int, default=d.threads, help="CPU threads for the models")
     gen.add_argument("--system-prompt", default=d.system_prompt, help="replace the default system prompt")
     args = p.parse_args(argv)
+    if args.concurrency < 1:
+        p.error("--concurrency must be at least 1")
     caption = None if args.caption_model in (None, NO_MODEL) else args.caption_model
     return Config(**{**vars(args), "caption_model": caption})

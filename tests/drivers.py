@@ -20,8 +20,10 @@ def text_of(message: dict) -> str:
     return " ".join(part.get("text", "") for part in content if part.get("type") == "text")
 
 
-def files_of(message: dict) -> list[dict]:
-    return [part["file"] for part in message["content"] if isinstance(part, dict) and part.get("type") == "file"]
+def files_of(message: dict) -> list[str]:
+    """Local paths of the files in a message (gradio_client downloads them)."""
+    files = [part["file"] for part in message["content"] if isinstance(part, dict) and part.get("type") == "file"]
+    return [f if isinstance(f, str) else f["path"] for f in files]
 
 
 def api_send(client: Client, text: str, files: tuple[Path | str, ...] = ()) -> list[dict]:
@@ -31,11 +33,16 @@ def api_send(client: Client, text: str, files: tuple[Path | str, ...] = ()) -> l
 
 
 # -- browser --------------------------------------------------------------------------------
+def message_box(page: Page):
+    """The chat input's text area (the side panel has text boxes too)."""
+    return page.locator("#message-box").get_by_test_id("textbox")
+
+
 def wait_for_reply(page: Page, bots_before: int, seen: list[str] | None = None) -> str:
     """Wait for a new bot message and for it to finish streaming; optionally record partial states."""
     bots = page.get_by_test_id("bot")
     expect(bots).to_have_count(bots_before + 1, timeout=REPLY_TIMEOUT_MS)
-    box = page.get_by_test_id("textbox")
+    box = message_box(page)
     deadline = time.monotonic() + REPLY_TIMEOUT_MS / 1000
     # The input is locked while the reply streams.
     while box.is_disabled() and time.monotonic() < deadline:
@@ -52,7 +59,7 @@ def browser_send(page: Page, text: str, files: tuple[Path | str, ...] = ()) -> s
     if files:
         page.get_by_test_id("file-upload").set_input_files([str(f) for f in files])
         expect(page.locator(".thumbnail-item, .thumbnails img, [data-testid='file-preview']").first).to_be_visible()
-    box = page.get_by_test_id("textbox")
+    box = message_box(page)
     box.fill(text)
     box.press("Enter")
     return wait_for_reply(page, before)

@@ -51,6 +51,15 @@ class AppServer:
         self.stop()
         raise TimeoutError(f"app did not serve {self.url} in {self.timeout}s:\n{self.log_text()}")
 
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def restart(self, sig: int = signal.SIGTERM) -> "AppServer":
+        """Stop the process (SIGKILL: no chance to clean up) and start a new one on the same port and data."""
+        self.stop(sig)
+        return self.start()
+
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace")[-4000:]
 

@@ -7,11 +7,16 @@ from playwright.sync_api import Page, expect
 REPLY_TIMEOUT_MS = 120_000
 
 
+def message_box(page):
+    """The message input (the sidebar has a text box too)."""
+    return page.locator("#message-box").get_by_test_id("textbox")
+
+
 def send(page: Page, text: str) -> str:
     """Type a message, press Enter, watch the reply stream in; return the finished reply."""
     bots = page.get_by_test_id("bot")
     before = bots.count()
-    box = page.get_by_test_id("textbox")
+    box = message_box(page)
     box.fill(text)
     box.press("Enter")
     return finished_reply(page, before)
@@ -20,7 +25,7 @@ def send(page: Page, text: str) -> str:
 def finished_reply(page: Page, bots_before: int, seen: list[str] | None = None) -> str:
     bots = page.get_by_test_id("bot")
     expect(bots).to_have_count(bots_before + 1, timeout=REPLY_TIMEOUT_MS)
-    box = page.get_by_test_id("textbox")
+    box = message_box(page)
     deadline = time.monotonic() + REPLY_TIMEOUT_MS / 1000
     # The input is locked while the reply streams; record what the reply looks like meanwhile.
     while box.is_disabled() and time.monotonic() < deadline:
@@ -34,7 +39,7 @@ def finished_reply(page: Page, bots_before: int, seen: list[str] | None = None) 
 def test_three_turn_conversation_streams_and_remembers(page: Page):
     send(page, "Hi! My name is Ana and I live in Lisbon.")
     bots_before = page.get_by_test_id("bot").count()
-    box = page.get_by_test_id("textbox")
+    box = message_box(page)
     box.fill("What is 12 plus 30?")
     box.press("Enter")
     seen: list[str] = []

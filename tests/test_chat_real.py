@@ -6,19 +6,21 @@ from chatbot.config import Config
 from chatbot.decoder import GenerationSettings, load_generator
 from chatbot.encoder import MultimodalEncoder
 from chatbot.session import ChatService
+from chatbot.store import ConversationStore
 
 
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
     defaults = Config()
     generator = load_generator(defaults.text_model, quantization=defaults.quantize)
-    encoder = MultimodalEncoder(tmp_path_factory.mktemp("media"))
-    return ChatService(encoder, generator, GenerationSettings(max_new_tokens=48, temperature=0))
+    store = ConversationStore(tmp_path_factory.mktemp("data"))
+    encoder = MultimodalEncoder(store.media_dir)
+    return ChatService(encoder, generator, store, GenerationSettings(max_new_tokens=48, temperature=0))
 
 
 def test_a_fact_from_the_first_turn_is_used_two_turns_later(service):
     conv = service.new_conversation()
-    replies = [list(service.respond(conv, text))[-1] for text in (
+    replies = [list(service.respond("key:ana", conv, text))[-1] for text in (
         "Hi! My name is Ana and I live in Lisbon.",
         "What is 12 plus 30?",
         "Remind me, what is my name?",
