@@ -22,7 +22,7 @@ class Config:
     host: str = "127.0.0.1"
     port: int = 7860
     text_model: str = "qwen2.5-0.5b"
-    quantize: str = "int8"
+    quantize: str = "int4"
     speech_model: str = "whisper-base"
     speech_language: str | None = None
     caption_model: str | None = None
@@ -72,7 +72,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
                         help="reply model: bundled " + ", ".join(bundled.CHAT_MODELS)
                         + ", or a Hugging Face id / local folder (seq2seq like google/flan-t5-large, or a chat model)")
     models.add_argument("--quantize", default=d.quantize, choices=["none", "int8", "int4"],
-                        help="weight quantization of the reply model's linear layers (faster on CPU)")
+                        help="weight quantization of the reply model's linear layers: int4 is fastest on CPU, "
+                        "int8 answers like full precision")
     models.add_argument("--speech-model", default=d.speech_model,
                         help="speech recogniser: bundled " + ", ".join(bundled.SPEECH_MODELS)
                         + f", a Hugging Face ASR id / folder (e.g. openai/whisper-small), or '{NO_MODEL}'")

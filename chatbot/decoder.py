@@ -79,6 +79,9 @@ class ReplyGenerator(ABC):
         # One generation at a time: the CPU has few cores and concurrent runs only slow each other.
         self._lock = threading.Lock()
 
+    def prefill(self, messages: list[Message]) -> None:
+        """Read a prompt prefix (e.g. the system prompt) ahead of time; only backends that reuse caches do."""
+
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
@@ -145,7 +148,6 @@ class CausalChatGenerator(ReplyGenerator):
         self.prefix_cache = PrefixCache()
 
     def prefill(self, messages: list[Message]) -> None:
-        """Read a prompt prefix (e.g. the system prompt) ahead of time so first turns start faster."""
         chat = [{"role": m.role, "content": m.content} for m in messages]
         ids = self.tokenizer.apply_chat_template(chat, return_dict=True, return_tensors="pt")["input_ids"]
         cache = DynamicCache(config=self.model.config)

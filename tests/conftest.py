@@ -59,8 +59,7 @@ def browser():
 
 @pytest.fixture
 def page(browser, app_server):
-    context = browser.new_context(viewport={"width": 1280, "height": 900})
-    tab = context.new_page()
-    tab.goto(app_server.url, wait_until="load")
-    yield tab
-    context.close()
+    from tests.drivers import open_page
+
+    with open_page(browser, app_server.url) as tab:
+        yield tab

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from gradio_client import Client, handle_file
@@ -33,6 +34,18 @@ def api_send(client: Client, text: str, files: tuple[Path | str, ...] = ()) -> l
 
 
 # -- browser --------------------------------------------------------------------------------
+@contextmanager
+def open_page(browser, url: str):
+    """A fresh browser context (its own local storage) with the app loaded."""
+    context = browser.new_context(viewport={"width": 1280, "height": 900})
+    page = context.new_page()
+    page.goto(url, wait_until="load")
+    try:
+        yield page
+    finally:
+        context.close()
+
+
 def message_box(page: Page):
     """The chat input's text area (the side panel has text boxes too)."""
     return page.locator("#message-box").get_by_test_id("textbox")

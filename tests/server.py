@@ -24,18 +24,20 @@ def free_port() -> int:
 
 
 class AppServer:
-    def __init__(self, data_dir: Path, *extra_args: str, startup_timeout: float = 600):
+    def __init__(self, data_dir: Path, *extra_args: str, settings: tuple[str, ...] = tuple(TEST_ARGS),
+                 startup_timeout: float = 600):
         self.data_dir = data_dir
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
         self.args = [sys.executable, str(ROOT / "app.py"), "--port", str(self.port), "--data-dir", str(data_dir),
-                     *TEST_ARGS, *extra_args]
+                     *settings, *extra_args]
         self.timeout = startup_timeout
         self.log_path = data_dir / "server.log"
         self.process: subprocess.Popen | None = None
 
     def start(self) -> "AppServer":
         env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
+        self.data_dir.mkdir(parents=True, exist_ok=True)
         self.log = open(self.log_path, "ab")
         self.process = subprocess.Popen(self.args, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + self.timeout

@@ -13,6 +13,8 @@ from gradio_client import Client, handle_file
 from gradio_client.utils import Status
 from playwright.sync_api import expect
 
+from tests.drivers import api_send as send
+from tests.drivers import browser_send, files_of, open_page, text_of
 from tests.server import AppServer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -23,29 +25,11 @@ LONG_PROMPT = "Write a long story (at least 1000 words) about a dragon who learn
 SHORT = "Answer with one word."
 
 
-def text_of(message: dict) -> str:
-    content = message["content"]
-    if isinstance(content, str):
-        return content
-    return " ".join(part.get("text", "") for part in content if part.get("type") == "text")
-
-
-def files_of(message: dict) -> list[str]:
-    """Local copies of the message's files (gradio_client downloads them)."""
-    content = message["content"]
-    return [] if isinstance(content, str) else [p["file"] for p in content if p.get("type") == "file"]
-
-
 def keyed_client(server: AppServer, key: str) -> Client:
     """An API client that owns the conversations of `key` (what a browser keeps in local storage)."""
     client = Client(server.url, verbose=False)
     client.predict(key, api_name="/use_key")
     return client
-
-
-def send(client: Client, text: str, files: tuple = ()) -> list[dict]:
-    chat, _box = client.predict({"text": text, "files": [handle_file(str(f)) for f in files]}, api_name="/chat")
-    return chat
 
 
 def start_long_reply(client: Client):
@@ -82,25 +66,8 @@ def server(tmp_path_factory):
 
 @pytest.fixture
 def page(browser, server):
-    context = browser.new_context(viewport={"width": 1280, "height": 900})
-    tab = context.new_page()
-    tab.goto(server.url, wait_until="load")
-    yield tab
-    context.close()
-
-
-def message_box(page):
-    """The message input (the sidebar has a text box too)."""
-    return page.locator("#message-box").get_by_test_id("textbox")
-
-
-def browser_send(page, text: str) -> None:
-    bots = page.get_by_test_id("bot").count()
-    box = message_box(page)
-    box.fill(text)
-    box.press("Enter")
-    expect(page.get_by_test_id("bot")).to_have_count(bots + 1, timeout=120_000)
-    expect(box).to_be_enabled(timeout=120_000)
+    with open_page(browser, server.url) as tab:
+        yield tab
 
 
 def side_panel_entry(page, title: str):

@@ -27,8 +27,8 @@ def build_tiny_t5(directory: Path) -> Path:
     """A T5 with a SentencePiece vocabulary trained here (T5Tokenizer needs dir/spiece.model)."""
     directory.mkdir(parents=True, exist_ok=True)
     model_file = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus()), model_writer=model_file, vocab_size=64, hard_vocab_limit=False,
-                                   model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(corpus()), model_writer=model_file, vocab_size=64,
+                                   hard_vocab_limit=False, model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
                                    character_coverage=1.0, minloglevel=2)
     (directory / "spiece.model").write_bytes(model_file.getvalue())
     tokenizer = T5Tokenizer.from_pretrained(directory, extra_ids=0)

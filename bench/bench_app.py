@@ -1,0 +1,164 @@
+"""The app as a user meets it: cold start, text turns early and late in a chat, photo and voice turns, memory.
+
+    python -m bench.bench_app [--turns 40]
+
+Cold start, photo/voice latency and peak RSS are measured on the real server
+process (`app.py`, default settings) through gradio_client. Time to first token
+at turn 2 vs turn N is measured in-process on the default reply model, with and
+without reuse of the KV cache across turns. Prints tables; writes JSON under
+bench/results/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from chatbot.config import Config
+from chatbot.decoder import GenerationSettings, load_generator
+from chatbot.state import Conversation, Role, Turn
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+ROOT = Path(__file__).resolve().parent.parent
+
+# A long, varied chat: facts early on, questions later (the history passes the token budget).
+_TOPICS = ["my cat Miso", "hiking in the Alps", "a Python script that renames photos", "baking sourdough",
+           "learning Portuguese", "my trip to Lisbon", "a birthday gift for my sister", "running a 10k race"]
+
+
+def user_message(i: int) -> str:
+    topic = _TOPICS[i % len(_TOPICS)]
+    return f"Turn {i + 1}: tell me one short tip about {topic}, in two sentences."
+
+
+# -- text turns: time to first token early vs late in a conversation -------------------------------
+def turn_timings(turns: int, reuse_cache: bool, max_new_tokens: int = 32) -> list[dict]:
+    config = Config()
+    generator = load_generator(config.text_model, quantization=config.quantize, max_context=config.max_context)
+    if not reuse_cache:
+        generator.prefix_cache = None
+    settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=0)
+    conv = Conversation()
+    rows = []
+    for i in range(turns):
+        conv.add_user_turn(Turn(role=Role.USER, text=user_message(i)))
+        messages = conv.render(generator.count_tokens, generator.prompt_budget(settings))
+        prompt_tokens = generator.encode_prompt(messages)["input_ids"].shape[1]
+        start = time.perf_counter()
+        first = None
+        reply = ""
+        for piece in generator.stream(messages, settings):
+            first = first or time.perf_counter()
+            reply += piece
+        end = time.perf_counter()
+        new_tokens = generator.count_tokens(reply)
+        rows.append({"turn": i + 1, "prompt_tokens": prompt_tokens, "ttft_s": (first or end) - start,
+                     "new_tokens": new_tokens,
+                     "tokens_per_s": (new_tokens - 1) / (end - first) if first and new_tokens > 1 and end > first else 0.0})
+        conv.add_assistant_turn(reply.strip())
+    return rows
+
+
+# -- the server: cold start, photo and voice turns, memory -------------------------------------------
+def server_timings() -> dict:
+    from gradio_client import Client, handle_file
+
+    from tests.server import AppServer
+    from tests.test_photo_e2e import sign
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        start = time.perf_counter()
+        server = AppServer(tmp / "data", settings=()).start()  # the app's default settings
+        served = time.perf_counter() - start
+        try:
+            client = Client(server.url, verbose=False)
+            client.predict({"text": "Hello!", "files": []}, api_name="/chat")
+            first_reply = time.perf_counter() - start
+            photo = sign(tmp / "photo.jpg", "BAKERY", "OPEN 7 DAYS")
+            t = time.perf_counter()
+            client.predict({"text": "What does the sign say?", "files": [handle_file(str(photo))]}, api_name="/chat")
+            photo_turn = time.perf_counter() - t
+            t = time.perf_counter()
+            client.predict({"text": "", "files": [handle_file(str(ROOT / "tests/data/capital_of_france.wav"))]},
+                           api_name="/chat")
+            voice_turn = time.perf_counter() - t
+            peak_rss = _peak_rss_mb(server.process.pid)
+        finally:
+            server.stop()
+    return {"page_served_s": served, "first_reply_s": first_reply, "photo_turn_s": photo_turn,
+            "voice_turn_s": voice_turn, "peak_rss_mb": peak_rss}
+
+
+def _peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+# -- report ----------------------------------------------------------------------------------------------
+def summarise_turns(rows: list[dict], early: int = 2) -> dict:
+    late = rows[-1]["turn"]
+    pick = lambda t: next(r for r in rows if r["turn"] == t)  # noqa: E731
+    # Medians over three turns around each point smooth out a noisy shared CPU.
+    around = lambda t: [r for r in rows if abs(r["turn"] - t) <= 1]  # noqa: E731
+    return {
+        "early_turn": early, "late_turn": late,
+        "ttft_early_s": pick(early)["ttft_s"], "ttft_late_s": pick(late)["ttft_s"],
+        "ttft_early_median3_s": statistics.median(r["ttft_s"] for r in around(early)),
+        "ttft_late_median3_s": statistics.median(r["ttft_s"] for r in around(late - 1)),
+        "prompt_tokens_late": pick(late)["prompt_tokens"],
+        "tokens_per_s_early": pick(early)["tokens_per_s"], "tokens_per_s_late": pick(late)["tokens_per_s"],
+        "ttft_late_over_early": pick(late)["ttft_s"] / pick(early)["ttft_s"],
+        "ttft_max_s": max(r["ttft_s"] for r in rows),
+    }
+
+
+def format_tables(server: dict | None, turns: dict[str, dict]) -> str:
+    lines = []
+    if server:
+        lines += ["| cold start → page served | cold start → first reply | photo turn | voice turn | peak RSS |",
+                  "|---|---|---|---|---|",
+                  f"| {server['page_served_s']:.1f} s | {server['first_reply_s']:.1f} s | {server['photo_turn_s']:.1f} s "
+                  f"| {server['voice_turn_s']:.1f} s | {server['peak_rss_mb']:.0f} MB |", ""]
+    lines += ["| text turns | TTFT turn 2 | TTFT last turn | last / 2 | median TTFT 1-3 | median TTFT last 3 "
+              "| worst TTFT | prompt tokens (last) | tok/s turn 2 | tok/s last |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, s in turns.items():
+        lines.append(f"| {name} (turn {s['late_turn']}) | {s['ttft_early_s']:.2f} s | {s['ttft_late_s']:.2f} s "
+                     f"| {s['ttft_late_over_early']:.2f}× | {s['ttft_early_median3_s']:.2f} s "
+                     f"| {s['ttft_late_median3_s']:.2f} s | {s['ttft_max_s']:.2f} s | {s['prompt_tokens_late']} "
+                     f"| {s['tokens_per_s_early']:.1f} | {s['tokens_per_s_late']:.1f} |")
+    return "\n".join(lines)
+
+
+def run(turns: int = 40, with_server: bool = True, without_cache: bool = True) -> dict:
+    results: dict = {"server": server_timings() if with_server else None, "turns": {}, "raw_turns": {}}
+    variants = [("prefix cache (default)", True)] + ([("no prefix cache", False)] if without_cache else [])
+    for name, reuse in variants:
+        rows = turn_timings(turns, reuse)
+        results["raw_turns"][name] = rows
+        results["turns"][name] = summarise_turns(rows)
+    return results
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--turns", type=int, default=40)
+    parser.add_argument("--no-server", action="store_true", help="skip cold start / photo / voice / RSS")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the run without KV-cache reuse")
+    args = parser.parse_args(argv)
+    results = run(args.turns, not args.no_server, not args.no_baseline)
+    print(format_tables(results["server"], results["turns"]))
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    (RESULTS_DIR / "bench_app.json").write_text(json.dumps(results, indent=1))
+    return results
+
+
+if __name__ == "__main__":
+    main()
