@@ -20,7 +20,8 @@ DEFAULT_SYSTEM_PROMPT = (
     "You are a friendly, helpful assistant in a chat app. Users can type, attach photos and "
     "speak. You cannot see photos or hear audio directly: you get notes about each attachment "
     "in square brackets (text read from a photo, what was detected in it, a transcript of "
-    "speech). Use those notes and everything said earlier in the conversation. Answer briefly."
+    "speech). Use those notes and everything said earlier in the conversation. When the user mentions a photo or "
+    "recording, find it in the bracketed notes of earlier messages and answer from them. Answer briefly."
 )
 
 
@@ -95,7 +96,9 @@ class Turn:
             extra = "".join(f", {o.text}" for o in notes if o.kind != "transcript")
             return f"[{attachment.label}: a voice message{extra}]\n" + (spoken or "(no recognisable speech)")
         details = "; ".join(o.text for o in notes) or "no details could be extracted"
-        return f"[{attachment.label} ({attachment.name or 'image'}): {details}]"
+        # Small models do not map "my first photo" to "Photo 1" by themselves.
+        ordinal = _ordinal(attachment.label)
+        return f"[{attachment.label}, the user's {ordinal} photo ({attachment.name or 'image'}): {details}]"
 
     def model_text(self) -> str:
         """The turn as the decoder reads it: attachment notes, then what was typed."""
@@ -238,6 +241,17 @@ def _enum_value(value):
 def _shorten(text: str, limit: int) -> str:
     text = " ".join(text.split())
     return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
+
+
+_ORDINALS = ["first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth", "ninth", "tenth"]
+
+
+def _ordinal(label: str) -> str:
+    """"Photo 2" -> "second"."""
+    number = int(label.rsplit(" ", 1)[-1]) if label[-1:].isdigit() else 0
+    if 1 <= number <= len(_ORDINALS):
+        return _ORDINALS[number - 1]
+    return f"{number}th"
 
 
 def _title_from(turn: Turn) -> str:

@@ -37,7 +37,7 @@ def test_the_bot_reads_a_sign_and_remembers_it_two_turns_later(client, tmp_path)
     assert files_of(chat[0])  # the photo is shown in the chat
     assert "bakery" in text_of(chat[-1]).lower()
     api_send(client, "Thanks! What is 12 plus 30?")
-    chat = api_send(client, "Going back to my first photo: what kind of shop was on the sign?")
+    chat = api_send(client, "What did the sign in my first photo say?")
     assert "bakery" in text_of(chat[-1]).lower()
 
 

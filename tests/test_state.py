@@ -51,7 +51,7 @@ def test_render_puts_system_prompt_first_and_attachment_notes_in_the_turn():
     messages = conv.render(words, budget=10_000)
     assert messages[0].role == "system" and messages[0].content == DEFAULT_SYSTEM_PROMPT
     assert messages[1].role == "user"
-    assert "[Photo 1 (" in messages[1].content and "MAIN STREET" in messages[1].content
+    assert "[Photo 1, the user's first photo (" in messages[1].content and "MAIN STREET" in messages[1].content
     assert messages[1].content.endswith("What does the sign say?")
 
 
