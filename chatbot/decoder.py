@@ -137,7 +137,6 @@ class ReplyGenerator(ABC):
         if failure:
             raise failure[0]
 
-
     def _reusable_cache(self, ids: torch.Tensor):
         """A KV cache already holding the longest known prefix of `ids` (or an empty one to fill)."""
         if self.prefix_cache is None:
@@ -153,8 +152,7 @@ class CausalChatGenerator(ReplyGenerator):
         self.prefix_cache = PrefixCache()
 
     def prefill(self, messages: list[Message]) -> None:
-        chat = [{"role": m.role, "content": m.content} for m in messages]
-        ids = self.tokenizer.apply_chat_template(chat, return_dict=True, return_tensors="pt")["input_ids"]
+        ids = self.tokenizer.apply_chat_template(_chat(messages), return_dict=True, return_tensors="pt")["input_ids"]
         cache = DynamicCache(config=self.model.config)
         _MODEL_THREAD.submit(self._prefill, ids, cache).result()
 
@@ -164,9 +162,13 @@ class CausalChatGenerator(ReplyGenerator):
             self.prefix_cache.put(ids[0], cache)
 
     def encode_prompt(self, messages: list[Message]) -> dict[str, torch.Tensor]:
-        chat = [{"role": m.role, "content": m.content} for m in messages]
-        return self.tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_dict=True,
+        return self.tokenizer.apply_chat_template(_chat(messages), add_generation_prompt=True, return_dict=True,
                                                   return_tensors="pt")
+
+
+def _chat(messages: list[Message]) -> list[dict[str, str]]:
+    """Messages in the form chat templates take."""
+    return [{"role": m.role, "content": m.content} for m in messages]
 
 
 class Seq2SeqGenerator(ReplyGenerator):
