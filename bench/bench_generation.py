@@ -91,6 +91,7 @@ def measure_transformers(model_key: str, mode: str, ids: list[int], max_new_toke
     """Load the converted checkpoint, quantize it with `mode`, and time greedy `generate`."""
     from transformers import AutoModelForCausalLM
 
+    from chatbot import decode_step
     from chatbot.quantize import quantize
 
     torch.set_num_threads(threads)
@@ -98,6 +99,8 @@ def measure_transformers(model_key: str, mode: str, ids: list[int], max_new_toke
     model = AutoModelForCausalLM.from_pretrained(CHAT_MODELS[model_key].checkpoint_dir(), dtype=torch.float32)
     loaded = time.perf_counter()
     model = quantize(model.eval(), mode)
+    if mode != "none":  # the app's path; "none" stays plain transformers, the baseline
+        decode_step.attach(model)
     load_s = time.perf_counter() - start
     batch = torch.tensor([ids])
     runs = [_timed_generate(model, batch, max_new_tokens) for _ in range(repeats)]
@@ -126,7 +129,7 @@ def measure_in_subprocess(runtime: str, model_key: str, ids: list[int], max_new_
 
 
 def summarise(runtime: str, raw: dict) -> dict:
-    label = LLAMA_CPP if runtime == LLAMA_CPP else "transformers " + ("fp32" if runtime == "none" else runtime)
+    label = {LLAMA_CPP: LLAMA_CPP, "none": "transformers fp32"}.get(runtime, f"ours, {runtime}")
     return {"runtime": label, "mode": runtime,
             "load_s": raw["load_s"], "ttft_s": statistics.median(raw["ttft_s"]),
             "tok_s": statistics.median(raw["tok_s"]), "peak_rss_mb": raw["peak_rss_mb"], "raw": raw}

@@ -28,7 +28,7 @@ from transformers import (
     TextIteratorStreamer,
 )
 
-from . import bundled
+from . import bundled, decode_step
 from .errors import UserFacingError
 from .prefix_cache import PrefixCache
 from .quantize import quantize
@@ -206,6 +206,8 @@ def _load_generator(spec: str, quantization: str, max_context: int) -> ReplyGene
         raise UserFacingError(f"The text model '{spec}' is a causal model without a chat template; "
                               "choose an instruction-tuned (chat) model")
     model = quantize(model, quantization)
+    if backend is CausalChatGenerator and decode_step.attach(model):
+        log.info("Decoding steps use the lean one-token pass")
     limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or max_context
     log.info("Loaded text model %s (%s, %s)", spec, backend.__name__, quantization)
     return backend(spec, model, tokenizer, min(max_context, limit))
