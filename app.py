@@ -46,7 +46,7 @@ def build_service(config: Config):
     settings = GenerationSettings(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
                                   top_p=config.top_p, repetition_penalty=config.repetition_penalty)
     service = ChatService(encoder, generator, store, settings, system_prompt=config.system_prompt)
-    # Every conversation starts with the system prompt: read it once now, not in each first turn.
+    # Every conversation starts with the system prompt: read it now (in the background), not in each first turn.
     generator.prefill(service.new_conversation().render(generator.count_tokens, generator.context_tokens)[:1])
     return service
 

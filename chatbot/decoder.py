@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 from abc import ABC, abstractmethod
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -40,6 +40,12 @@ log = logging.getLogger(__name__)
 # OpenMP pool belongs to the calling thread, and a second pool competing for the cores cost a third
 # of the decoding speed on a 2-core machine (48 vs 34 tokens/s measured).
 _MODEL_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reply-model")
+PREFILL_CHUNK = 64  # tokens read ahead between checks for a reply waiting for the model thread
+
+
+def wait_idle() -> None:
+    """Block until the reply-model thread has finished everything queued so far (for benchmarks)."""
+    _MODEL_THREAD.submit(lambda: None).result()
 
 
 @dataclass
@@ -84,9 +90,23 @@ class ReplyGenerator(ABC):
         self.context_tokens = context_tokens
         # One generation at a time: the CPU has few cores and concurrent runs only slow each other.
         self._lock = threading.Lock()
+        # Replies submitted to the model thread but not started yet: reading ahead gives way to them.
+        self._replies_waiting = 0
+        self._waiting_lock = threading.Lock()
 
-    def prefill(self, messages: list[Message]) -> None:
-        """Read a prompt prefix (e.g. the system prompt) ahead of time; only backends that reuse caches do."""
+    def prefill(self, messages: list[Message]) -> Future:
+        """Start reading a prompt prefix (the system prompt, a moved window) into the cache ahead of time.
+
+        It runs on the model thread in chunks and stops early when a reply is waiting; what was
+        read is kept. Only backends that reuse caches do anything.
+        """
+        done: Future = Future()
+        done.set_result(None)
+        return done
+
+    def _count_waiting(self, change: int) -> None:
+        with self._waiting_lock:
+            self._replies_waiting += change
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -109,6 +129,7 @@ class ReplyGenerator(ABC):
         failure: list[BaseException] = []
 
         def run() -> None:
+            self._count_waiting(-1)
             try:
                 with self._lock, torch.inference_mode():
                     if not stop.is_set():
@@ -125,6 +146,7 @@ class ReplyGenerator(ABC):
             finally:
                 streamer.end()
 
+        self._count_waiting(+1)
         worker = _MODEL_THREAD.submit(run)
         try:
             for piece in streamer:
@@ -151,15 +173,22 @@ class CausalChatGenerator(ReplyGenerator):
         super().__init__(*args, **kwargs)
         self.prefix_cache = PrefixCache()
 
-    def prefill(self, messages: list[Message]) -> None:
+    def prefill(self, messages: list[Message]) -> Future:
         ids = self.tokenizer.apply_chat_template(_chat(messages), return_dict=True, return_tensors="pt")["input_ids"]
-        cache = DynamicCache(config=self.model.config)
-        _MODEL_THREAD.submit(self._prefill, ids, cache).result()
+        return _MODEL_THREAD.submit(self._prefill, ids[0])
 
-    def _prefill(self, ids: torch.Tensor, cache: DynamicCache) -> None:
+    def _prefill(self, ids: torch.Tensor) -> None:
         with self._lock, torch.inference_mode():
-            self.model(input_ids=ids, past_key_values=cache, use_cache=True)
-            self.prefix_cache.put(ids[0], cache)
+            if self.prefix_cache is None:
+                return
+            cache = self._reusable_cache(ids)
+            start = done = cache.get_seq_length()
+            while done < len(ids) and not self._replies_waiting:
+                chunk = ids[done:done + PREFILL_CHUNK]
+                self.model(input_ids=chunk[None], past_key_values=cache, use_cache=True, logits_to_keep=1)
+                done += len(chunk)
+            if done > start:
+                self.prefix_cache.put(ids, cache)
 
     def encode_prompt(self, messages: list[Message]) -> dict[str, torch.Tensor]:
         return self.tokenizer.apply_chat_template(_chat(messages), add_generation_prompt=True, return_dict=True,

@@ -267,6 +267,11 @@ class ChatService:
                 log.exception("Saving the reply failed")
         if failed:
             yield reply
+        elif finished:
+            # While the user reads and types, read the window the next turns will move to (if near).
+            ahead = conv.render_ahead(self.generator.count_tokens, self.generator.prompt_budget(settings))
+            if ahead:
+                self.generator.prefill(ahead)
 
     def _save(self, owner: str, conv: Conversation) -> None:
         if conv.turns:

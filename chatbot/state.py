@@ -161,22 +161,51 @@ class Conversation:
         first (later turns often refer back to a photo or recording), then the
         user's own words, newest first, shortened if need be.
         """
+        turns, messages, cost, base = self._costed(count_tokens)
+        first, note = self._window_start(turns, cost, base, budget, count_tokens)
+        return self._window(messages, first, note)
+
+    def render_ahead(self, count_tokens: Callable[[str], int], budget: int) -> list[Message] | None:
+        """The history as `render` will give it once the window next moves, or None if that is not near.
+
+        A move changes the start of the prompt, so the decoder must read the whole
+        window again; reading it ahead of time, while the user reads the reply and
+        types, keeps that turn as quick as the others. "Near" is within a quarter of
+        the budget, a few turns ahead. Call it when the history ends with a reply.
+        """
+        turns, messages, cost, base = self._costed(count_tokens)
+        if not turns or turns[-1].role is not Role.ASSISTANT:
+            return None
+        current, _ = self._window_start(turns[:-1], cost[:-1], base, budget, count_tokens)  # the last prompt's
+        used = base + sum(cost[current:]) + (budget // 4 if current else 0)  # the window moves once this > budget
+        ahead = next((s for s in self._window_starts(turns, cost, step=budget // 2)[:-1] if s > current), None)
+        if ahead is None or used < budget - budget // 4:
+            return None
+        return self._window(messages, ahead, self._condensed(turns[:ahead], count_tokens, budget // 4))
+
+    def _window_start(self, turns: list[Turn], cost: list[int], base: int, budget: int,
+                      count_tokens: Callable[[str], int]) -> tuple[int, str]:
+        """The first turn kept when the newest of `turns` is answered, and the note condensing those before it."""
+        if base + sum(cost) <= budget:
+            return 0, ""
+        reserve = budget // 4  # room for the condensed note
+        starts = self._window_starts(turns, cost, step=budget // 2)
+        last = len(turns) - 1
+        first = next(s for s in starts if s == last or base + reserve + sum(cost[s:]) <= budget)
+        while True:
+            note = self._condensed(turns[:first], count_tokens, reserve)
+            if first >= last or base + count_tokens(note) + sum(cost[first:]) <= budget:
+                return first, note
+            first = next(s for s in starts if s > first)
+
+    def _costed(self, count_tokens: Callable[[str], int]) -> tuple[list[Turn], list[Message], list[int], int]:
+        """The turns the model reads, as messages, with their token costs and the system prompt's."""
         turns = [t for t in self.turns if not t.notice and (t.text or t.attachments or t.observations)]
         messages = [Message(t.role.value, t.model_text()) for t in turns]
         cost = [count_tokens(m.content) + _MESSAGE_OVERHEAD for m in messages]
-        base = count_tokens(self.system_prompt) + _MESSAGE_OVERHEAD
-        last = len(turns) - 1
-        first = 0
-        note = ""
-        if base + sum(cost) > budget:
-            reserve = budget // 4  # room for the condensed note
-            starts = self._window_starts(turns, cost, step=budget // 2)
-            first = next(s for s in starts if s == last or base + reserve + sum(cost[s:]) <= budget)
-            while True:
-                note = self._condensed(turns[:first], count_tokens, reserve)
-                if first >= last or base + count_tokens(note) + sum(cost[first:]) <= budget:
-                    break
-                first = next(s for s in starts if s > first)
+        return turns, messages, cost, count_tokens(self.system_prompt) + _MESSAGE_OVERHEAD
+
+    def _window(self, messages: list[Message], first: int, note: str) -> list[Message]:
         system = self.system_prompt + (f"\n\n{note}" if note else "")
         return [Message(Role.SYSTEM.value, system)] + messages[first:]
 

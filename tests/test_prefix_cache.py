@@ -1,11 +1,18 @@
 """Reusing the KV cache of earlier prompts: same replies, far fewer prompt tokens re-read."""
 
+import threading
+import time
+
 import pytest
 import torch
 
-from chatbot.decoder import GenerationSettings, load_generator
+from chatbot import decoder
+from chatbot.decoder import GenerationSettings, load_generator, wait_idle
+from chatbot.encoder import MultimodalEncoder
 from chatbot.prefix_cache import PrefixCache, common_prefix_length
-from chatbot.state import Message
+from chatbot.session import ChatService
+from chatbot.state import Conversation, Message
+from chatbot.store import ConversationStore
 
 GREEDY = GenerationSettings(max_new_tokens=12, temperature=0)
 SYSTEM = Message("system", "You are helpful.")
@@ -60,7 +67,7 @@ def test_reused_cache_gives_the_same_replies_and_reads_only_the_new_tail(generat
 
 
 def test_prefill_of_the_system_prompt_is_used_by_a_first_turn(generator):
-    generator.prefill([SYSTEM])
+    generator.prefill([SYSTEM]).result()
     with PrefillLengths(generator.model) as seen:
         "".join(generator.stream([SYSTEM, Message("user", "hello cat")], GREEDY))
     full = generator.encode_prompt([SYSTEM, Message("user", "hello cat")])["input_ids"].shape[1]
@@ -103,3 +110,63 @@ def test_pool_keeps_the_most_recent_slots_and_drops_superseded_entries(generator
     assert len(pool) == 2 and pool.take(torch.cat([a, b, c])) is None  # the oldest was evicted
     reused = pool.take(torch.cat([c, a]))
     assert reused.get_seq_length() == 3
+
+
+HISTORY = [SYSTEM, Message("user", "hello what is the name of my cat"), Message("assistant", "my cat is red")]
+NEXT = HISTORY + [Message("user", "and the dog")]
+
+
+def prompt_length(generator, messages) -> int:
+    return generator.encode_prompt(messages)["input_ids"].shape[1]
+
+
+def test_prefill_reads_in_chunks_and_the_next_turn_reads_only_its_new_tail(generator, monkeypatch):
+    monkeypatch.setattr(decoder, "PREFILL_CHUNK", 4)
+    with PrefillLengths(generator.model) as ahead:
+        generator.prefill(HISTORY).result()
+    assert len(ahead.lengths) > 3 and set(ahead.lengths[:-1]) == {4}
+    with PrefillLengths(generator.model) as seen:
+        "".join(generator.stream(NEXT, GREEDY))
+    assert seen.lengths[0] == prompt_length(generator, NEXT) - sum(ahead.lengths)
+
+
+def test_prefill_gives_way_to_a_reply_waiting_for_the_model(generator):
+    gate = threading.Event()
+    decoder._MODEL_THREAD.submit(gate.wait)  # keep the model thread busy while both are queued
+    replies = []
+    with PrefillLengths(generator.model) as seen:
+        ahead = generator.prefill(HISTORY)
+        reply = threading.Thread(target=lambda: replies.append("".join(generator.stream(NEXT, GREEDY))))
+        reply.start()
+        while not generator._replies_waiting:
+            time.sleep(0.01)
+        gate.set()
+        reply.join(timeout=60)
+    assert ahead.result() is None and replies
+    assert seen.lengths[0] == prompt_length(generator, NEXT)  # nothing was read ahead: the reply came first
+
+
+@pytest.mark.parametrize("read_ahead", [True, False])
+def test_turns_where_the_window_moves_read_only_their_tail_when_read_ahead(tiny_causal_dir, tmp_path, monkeypatch,
+                                                                           read_ahead):
+    if not read_ahead:
+        monkeypatch.setattr(Conversation, "render_ahead", lambda *args: None)
+    generator = load_generator(str(tiny_causal_dir), max_context=600)
+    store = ConversationStore(tmp_path / "data")
+    service = ChatService(MultimodalEncoder(store.media_dir), generator, store, GenerationSettings(8, temperature=0),
+                          system_prompt=SYSTEM.content)
+    budget = generator.prompt_budget(service.settings)
+    conv, reads, window = service.new_conversation(), [], []
+    for i in range(30):
+        with PrefillLengths(generator.model) as seen:
+            list(service.respond("key:ana", conv, f"tell me about the weather today and tomorrow {i}"))
+        reads.append(seen.lengths[0])
+        window.append(len(conv.render(generator.count_tokens, budget)))
+        wait_idle()  # the user reads the reply and types the next message
+    moves = sum(later < earlier for earlier, later in zip(window, window[1:]))  # fewer turns kept: it moved
+    assert moves >= 2
+    # A turn's new tail is its question and the previous reply (~25 tokens); the window is several times that.
+    if read_ahead:
+        assert max(reads[1:]) < budget // 4
+    else:
+        assert max(reads[1:]) > budget // 2

@@ -131,3 +131,22 @@ def test_rendered_prefix_stays_stable_for_many_turns_so_caches_can_be_reused():
     extends = [now[:len(before) - 1] == before[:-1] for before, now in zip(renders, renders[1:])]
     assert sum(extends) >= 0.75 * len(extends)
     assert not all(extends)  # the window did move: the budget was exceeded
+
+
+def test_the_moved_window_can_be_read_ahead_in_the_turns_before_it_moves():
+    conv, budget = Conversation(), 600
+    previous, ahead, moves = None, [], 0
+    for i in range(60):
+        conv.add_user_turn(Turn(role="user", text=f"question {i} " + "filler " * 15))
+        now = conv.render(words, budget)
+        if previous is not None and now[:len(previous) - 1] != previous[:-1]:  # the window moved
+            moves += 1
+            # Read ahead after the last reply, the new prompt's start was already known (and could be in a cache).
+            assert ahead[-1] is not None and now[:len(ahead[-1])] == ahead[-1]
+        previous = now
+        conv.add_assistant_turn(f"answer {i} " + "words " * 15)
+        ahead.append(conv.render_ahead(words, budget))
+    assert moves >= 2
+    # Only when a move is a few turns away: most turns cost no extra reading.
+    assert ahead[:5] == [None] * 5
+    assert sum(a is None for a in ahead) >= len(ahead) / 3
