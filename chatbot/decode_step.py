@@ -13,7 +13,6 @@ call (reading a prompt, batches, padding) goes to the original forward.
 from __future__ import annotations
 
 import functools
-import logging
 
 import torch
 from torch import nn
@@ -22,8 +21,6 @@ from transformers import DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .quantize import SiblingSlice
-
-log = logging.getLogger(__name__)
 
 # Architectures whose decoder layer is exactly: RMSNorm → q/k/v (rotary) → attention → o_proj → residual,
 # RMSNorm → down(silu(gate) * up) → residual. Others keep their own forward.
@@ -61,8 +58,9 @@ class LeanStep:
         config = model.config
         self.heads, self.kv_heads = config.num_attention_heads, config.num_key_value_heads
         self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        self.qkv = [_projections(l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj) for l in self.base.layers]
-        self.gate_up = [_projections(l.mlp.gate_proj, l.mlp.up_proj) for l in self.base.layers]
+        layers = self.base.layers
+        self.qkv = [_projections(l.self_attn.q_proj, l.self_attn.k_proj, l.self_attn.v_proj) for l in layers]
+        self.gate_up = [_projections(l.mlp.gate_proj, l.mlp.up_proj) for l in layers]
 
     @staticmethod
     def fits(model: nn.Module) -> bool:

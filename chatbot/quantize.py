@@ -175,8 +175,8 @@ def quantize(model: nn.Module, mode: str) -> nn.Module:
     weights). A layer whose shape a kernel cannot take gets the next-best kind: int4 → int8 → fp32.
     Sibling projections of one input (q/k/v, gate/up) become one matmul over their stacked weights
     (the same numbers: quantization works per output row). An output head tied to the input
-    embeddings is quantized too (at batch 1 it is the largest
-    matmul, 896×151936 in Qwen2.5-0.5B): it gets its own quantized copy, the embeddings stay exact.
+    embeddings is quantized too (at batch 1 it is the largest matmul, 896×151936 in Qwen2.5-0.5B):
+    it gets its own quantized copy, the embeddings stay exact.
     """
     if mode not in MODES:
         raise ValueError(f"unknown quantization mode {mode!r}; choose one of {', '.join(MODES)}")
