@@ -175,7 +175,9 @@ class CausalChatGenerator(ReplyGenerator):
 
     def prefill(self, messages: list[Message]) -> Future:
         ids = self.tokenizer.apply_chat_template(_chat(messages), return_dict=True, return_tensors="pt")["input_ids"]
-        return _MODEL_THREAD.submit(self._prefill, ids[0])
+        reading = _MODEL_THREAD.submit(self._prefill, ids[0])
+        reading.add_done_callback(_log_failure)  # nobody waits on a read-ahead: its errors would go unseen
+        return reading
 
     def _prefill(self, ids: torch.Tensor) -> None:
         with self._lock, torch.inference_mode():
@@ -193,6 +195,11 @@ class CausalChatGenerator(ReplyGenerator):
     def encode_prompt(self, messages: list[Message]) -> dict[str, torch.Tensor]:
         return self.tokenizer.apply_chat_template(_chat(messages), add_generation_prompt=True, return_dict=True,
                                                   return_tensors="pt")
+
+
+def _log_failure(work: Future) -> None:
+    if work.exception() is not None:
+        log.error("Reading a prompt ahead failed", exc_info=work.exception())
 
 
 def _chat(messages: list[Message]) -> list[dict[str, str]]:
