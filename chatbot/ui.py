@@ -16,7 +16,7 @@ from pathlib import Path
 import gradio as gr
 
 from .errors import UserFacingError
-from .session import ChatService, ChatSession, new_owner_key, resolve_owner
+from .session import MIN_KEY_LENGTH, ChatService, ChatSession, new_owner_key, resolve_owner
 from .state import AttachmentKind, Conversation, Role, Turn
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
@@ -89,18 +89,20 @@ def build_ui(service: ChatService, browser_secret: str, concurrency_limit: int =
         owner = owner_of(session, request)
         return owner, service.conversation(owner, session.conversation_id)
 
+    def conversation_choices(owner: str) -> list[tuple[str, str]]:
+        return [(c.title or "Untitled", c.id) for c in service.conversations(owner)]
+
     def sidebar(session: ChatSession, request: gr.Request):
         owner, conv = opened(session, request)
-        choices = [(c.title or "Untitled", c.id) for c in service.conversations(owner)]
+        choices = conversation_choices(owner)
         current = conv.id if any(cid == conv.id for _, cid in choices) else None
         return gr.Radio(choices=choices, value=current), gr.Textbox(value=conv.title)
 
     def on_load(key: str | None, request: gr.Request):
-        if not isinstance(key, str) or len(key) < 16:
+        if not isinstance(key, str) or len(key) < MIN_KEY_LENGTH:
             key = new_owner_key()
         session = ChatSession(owner=resolve_owner(user=request.username, key=key))
-        choices = [(c.title or "Untitled", c.id) for c in service.conversations(session.owner)]
-        return session, key, gr.Radio(choices=choices, value=None)
+        return session, key, gr.Radio(choices=conversation_choices(session.owner), value=None)
 
     # -- turns ----------------------------------------------------------------------------
     def streamed(owner: str, conv: Conversation, replies):
@@ -178,7 +180,7 @@ def build_ui(service: ChatService, browser_secret: str, concurrency_limit: int =
         owner = owner_of(session, request)
         if session.conversation_id:
             service.delete(owner, session.conversation_id)
-        return [], gr.MultimodalTextbox(value=None, interactive=True), ChatSession(owner, None)
+        return new_chat(session, request)
 
     @_shown_errors
     def export(session: ChatSession, request: gr.Request) -> str:
