@@ -20,22 +20,22 @@ def configure_environment(config: Config) -> None:
 
 
 def build_service(config: Config):
-    import torch
-
-    from chatbot.decoder import GenerationSettings, load_generator
-    from chatbot.encoder import MultimodalEncoder
-    from chatbot.session import ChatService
-    from chatbot.store import ConversationStore
-    from chatbot.speech import load_recognizer
-    from chatbot.vision import load_analyzers
+    from chatbot.conversation.service import ChatService
+    from chatbot.conversation.store import ConversationStore
+    from chatbot.generation.base import GenerationSettings, load_generator
+    from chatbot.perception.encoder import MultimodalEncoder
+    from chatbot.perception.speech import load_recognizer
+    from chatbot.perception.vision import load_analyzers
 
     if config.threads:
+        import torch
+
         torch.set_num_threads(config.threads)
     store = ConversationStore(config.data_dir)  # first: a bad data dir fails before minutes of model loading
     log = logging.getLogger("app")
     log.info("Loading the text model '%s' (the first start prepares the bundled weights, about a minute)...",
              config.text_model)
-    generator = load_generator(config.text_model, quantization=config.quantize, max_context=config.max_context)
+    generator = load_generator(config)
     recognizer = None
     if config.speech_model != NO_MODEL:
         log.info("Loading the speech model '%s'...", config.speech_model)
@@ -64,8 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nCannot start: {error}", file=sys.stderr)
         return 2
 
-    from chatbot.session import persistent_secret
-    from chatbot.ui import build_ui
+    from chatbot.conversation.owners import persistent_secret
+    from chatbot.web.page import build_ui
 
     # The secret that encrypts each browser's owner key must outlive restarts, or browsers lose their lists.
     demo = build_ui(service, persistent_secret(config.data_dir / "browser-secret"), config.concurrency)

@@ -9,7 +9,7 @@ The speech and vision encoders have their own scripts (bench_speech, bench_visio
 import os
 import sys
 
-from . import bench_app, bench_generation
+from bench import bench_app, bench_generation
 
 
 def main() -> None:

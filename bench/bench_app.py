@@ -19,11 +19,15 @@ import time
 from pathlib import Path
 
 from chatbot.config import Config
-from chatbot.decoder import GenerationSettings, load_generator, wait_idle
-from chatbot.encoder import MultimodalEncoder
-from chatbot.session import ChatService
+from chatbot.conversation.service import ChatService
+from chatbot.conversation.store import ConversationStore
+from chatbot.generation.transformers_backend import (
+    GenerationSettings,
+    load_generator,
+    wait_idle,
+)
+from chatbot.perception.encoder import MultimodalEncoder
 from chatbot.state import Conversation, Role, Turn
-from chatbot.store import ConversationStore
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 ROOT = Path(__file__).resolve().parent.parent
@@ -89,8 +93,8 @@ def wait_idle_after(*futures) -> float:
 def server_timings() -> dict:
     from gradio_client import Client, handle_file
 
-    from tests.server import AppServer
-    from tests.test_photo_e2e import sign
+    from tests.e2e.test_photo_e2e import sign
+    from tests.support.server import AppServer
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -25,9 +25,8 @@ from pathlib import Path
 import torch
 from transformers.generation.streamers import BaseStreamer
 
-from chatbot.bundled import CHAT_MODELS
-
-from . import llama_cpp_peer
+from bench import llama_cpp_peer
+from chatbot.weights import CHAT_MODELS
 
 LLAMA_CPP = "llama.cpp"
 TORCH_RUNTIMES = ("none", "int8", "int4")  # quantize() modes
@@ -91,8 +90,8 @@ def measure_transformers(model_key: str, mode: str, ids: list[int], max_new_toke
     """Load the converted checkpoint, quantize it with `mode`, and time greedy `generate`."""
     from transformers import AutoModelForCausalLM
 
-    from chatbot import decode_step
-    from chatbot.quantize import quantize
+    from chatbot.generation import decode_step
+    from chatbot.generation.quantize import quantize
 
     torch.set_num_threads(threads)
     start = time.perf_counter()

@@ -28,8 +28,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from chatbot.audio import SAMPLE_RATE, load_audio  # noqa: E402
-from chatbot.speech import FasterWhisperRecognizer, load_recognizer  # noqa: E402
+from chatbot.perception.audio import SAMPLE_RATE, load_audio  # noqa: E402
+from chatbot.perception.speech import FasterWhisperRecognizer, load_recognizer  # noqa: E402
 
 DATA = ROOT / "tests" / "data"
 sys.path.insert(0, str(DATA))

@@ -32,9 +32,15 @@ from PIL import Image, ImageDraw, ImageFont
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from chatbot.encoder import MultimodalEncoder  # noqa: E402
-from chatbot.images import load_image  # noqa: E402
-from chatbot.vision import Captioner, ImageAnalyzer, ImageFacts, PeopleDetector, TextReader  # noqa: E402
+from chatbot.perception.encoder import MultimodalEncoder  # noqa: E402
+from chatbot.perception.images import load_image  # noqa: E402
+from chatbot.perception.vision import (  # noqa: E402
+    Captioner,
+    ImageAnalyzer,
+    ImageFacts,
+    PeopleDetector,
+    TextReader,
+)
 
 FONT = Path("/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf")
 TEXT_LINES = (("CITY MUSEUM OF MODERN ART", 160), ("Open daily 10:00 - 18:00", 110), ("Free entry on Sundays", 70))
@@ -98,7 +104,7 @@ def bench_analyzers(path: Path, repeats: int, caption_model: str | None) -> tupl
     for factory in factories:
         setup, analyzer = timed(factory)
         analyzers.append(analyzer)
-        runs = [timed(lambda: analyzer.analyze(image)) for _ in range(repeats)]
+        runs = [timed(lambda a=analyzer: a.analyze(image)) for _ in range(repeats)]
         rows.append(Row(f"{analyzer.name} analyze", setup, statistics.median(t for t, _ in runs), _said(runs[0][1])))
     rows.append(Row("total (load + all analyzers)", sum(r.setup_seconds for r in rows),
                     sum(r.seconds for r in rows), ""))

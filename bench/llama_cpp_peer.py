@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from chatbot.bundled import cache_root
+from chatbot.weights import cache_root
 
 VERSION = "0.3.36"
 # Native SIMD (AVX-512/VNNI here) is what makes llama.cpp fast; the multimodal

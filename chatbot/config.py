@@ -7,7 +7,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import bundled
+from chatbot import weights
+from chatbot.generation.base import BACKENDS
 
 NO_MODEL = "none"
 
@@ -21,6 +22,7 @@ def _default_data_dir() -> Path:
 class Config:
     host: str = "127.0.0.1"
     port: int = 7860
+    text_backend: str = "transformers"
     text_model: str = "qwen2.5-0.5b"
     quantize: str = "int4"
     speech_model: str = "whisper-base"
@@ -40,7 +42,7 @@ class Config:
     def hub_models(self) -> list[str]:
         """Model specs that are neither bundled nor local folders: loading them needs the hub."""
         specs = [self.text_model, self.speech_model, self.caption_model]
-        local = set(bundled.CHAT_MODELS) | set(bundled.SPEECH_MODELS) | {NO_MODEL}
+        local = set(weights.CHAT_MODELS) | set(weights.SPEECH_MODELS) | {NO_MODEL}
         return [s for s in specs if s and s not in local and not Path(s).exists()]
 
 
@@ -68,14 +70,16 @@ def parse_args(argv: list[str] | None = None) -> Config:
     net.add_argument("--concurrency", type=int, default=d.concurrency,
                      help="replies generated at the same time; further requests wait in a queue and see their place")
     models = p.add_argument_group("models")
+    models.add_argument("--text-backend", default=d.text_backend, choices=sorted(BACKENDS),
+                        help="what writes the replies: a model in this process (transformers)")
     models.add_argument("--text-model", default=d.text_model,
-                        help="reply model: bundled " + ", ".join(bundled.CHAT_MODELS)
+                        help="reply model: bundled " + ", ".join(weights.CHAT_MODELS)
                         + ", or a Hugging Face id / local folder (seq2seq like google/flan-t5-large, or a chat model)")
     models.add_argument("--quantize", default=d.quantize, choices=["none", "int8", "int4"],
                         help="weight quantization of the reply model's linear layers: int4 is fastest on CPU, "
                         "int8 answers like full precision")
     models.add_argument("--speech-model", default=d.speech_model,
-                        help="speech recogniser: bundled " + ", ".join(bundled.SPEECH_MODELS)
+                        help="speech recogniser: bundled " + ", ".join(weights.SPEECH_MODELS)
                         + f", a Hugging Face ASR id / folder (e.g. openai/whisper-small), or '{NO_MODEL}'")
     models.add_argument("--speech-language", default=d.speech_language,
                         help="fix the spoken language (e.g. en, fr); default: detected per recording")

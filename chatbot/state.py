@@ -12,9 +12,9 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from enum import Enum
-from typing import Callable
 
 DEFAULT_SYSTEM_PROMPT = (
     "You are a friendly, helpful assistant in a chat app. Users can type, attach photos and "
@@ -36,8 +36,22 @@ class AttachmentKind(str, Enum):
     AUDIO = "audio"
 
 
+class ObservationKind(str, Enum):
+    """What an encoder derived from an attachment (or the whole turn)."""
+
+    TRANSCRIPT = "transcript"  # the words spoken in a recording: the user's own words
+    LANGUAGE = "language"  # the language a recording was spoken in
+    OCR = "ocr"  # text read in a photo
+    CAPTION = "caption"  # a captioning / question-answering model's description
+    FACES = "faces"
+    CATS = "cats"
+    FACTS = "facts"  # size, colours, brightness, EXIF
+
+
 # What a user calls each kind of attachment; used for numbering ("Photo 2").
 _KIND_LABEL = {AttachmentKind.IMAGE: "Photo", AttachmentKind.AUDIO: "Recording"}
+# An assistant's own media (a spoken reply) are numbered apart from the user's.
+_ASSISTANT_LABEL = {AttachmentKind.IMAGE: "Image", AttachmentKind.AUDIO: "Spoken reply"}
 
 
 def new_id() -> str:
@@ -62,10 +76,13 @@ class Attachment:
 class Observation:
     """Something the encoder derived from an attachment, as text the decoder can read."""
 
-    kind: str  # e.g. "transcript", "ocr", "caption", "faces", "colours"
+    kind: ObservationKind
     text: str
     attachment: str = ""  # sha256 of the attachment it describes; "" for the whole turn
     source: str = ""  # which encoder produced it
+
+    def __post_init__(self) -> None:
+        self.kind = ObservationKind(self.kind)
 
 
 @dataclass
@@ -92,8 +109,8 @@ class Turn:
         notes = self.notes_for(attachment)
         if attachment.kind is AttachmentKind.AUDIO:
             # The transcript is the user's own words: leave it unbracketed so the model answers it.
-            spoken = " ".join(o.text for o in notes if o.kind == "transcript").strip()
-            extra = "".join(f", {o.text}" for o in notes if o.kind != "transcript")
+            spoken = " ".join(o.text for o in notes if o.kind is ObservationKind.TRANSCRIPT).strip()
+            extra = "".join(f", {o.text}" for o in notes if o.kind is not ObservationKind.TRANSCRIPT)
             return f"[{attachment.label}: a voice message{extra}]\n" + (spoken or "(no recognisable speech)")
         details = "; ".join(o.text for o in notes) or "no details could be extracted"
         # Small models do not map "my first photo" to "Photo 1" by themselves.
@@ -101,7 +118,12 @@ class Turn:
         return f"[{attachment.label}, the user's {ordinal} photo ({attachment.name or 'image'}): {details}]"
 
     def model_text(self) -> str:
-        """The turn as the decoder reads it: attachment notes, then what was typed."""
+        """The turn as the decoder reads it: attachment notes, then what was typed.
+
+        A reply's own media (its spoken version) say nothing the text does not: they stay out.
+        """
+        if self.role is not Role.USER:
+            return self.text
         lines = [self.attachment_note(a) for a in self.attachments]
         lines += [o.text for o in self.observations if not o.attachment]
         if self.text:
@@ -113,8 +135,11 @@ class Turn:
 class Message:
     """One message as handed to a decoder (chat-template style)."""
 
-    role: str
+    role: Role
     content: str
+
+    def __post_init__(self) -> None:
+        self.role = Role(self.role)
 
 
 @dataclass
@@ -131,25 +156,31 @@ class Conversation:
     # -- building -----------------------------------------------------------------
     def add_user_turn(self, turn: Turn) -> Turn:
         """Append a user turn, numbering its attachments per kind across the conversation."""
-        counts = {kind: 0 for kind in AttachmentKind}
-        for earlier in self.turns:
-            for a in earlier.attachments:
-                counts[a.kind] += 1
-        for a in turn.attachments:
-            counts[a.kind] += 1
-            a.label = a.label or f"{_KIND_LABEL[a.kind]} {counts[a.kind]}"
+        self._number(turn, Role.USER, _KIND_LABEL)
         if not self.title:
             self.title = _title_from(turn)
         self.turns.append(turn)
         return turn
 
-    def add_assistant_turn(self, text: str, interrupted: bool = False) -> Turn:
-        turn = Turn(role=Role.ASSISTANT, text=text, interrupted=interrupted)
+    def add_assistant_turn(self, text: str, interrupted: bool = False,
+                           attachments: list[Attachment] = ()) -> Turn:
+        """Append a reply; its media (e.g. the reply spoken) are numbered apart from the user's."""
+        turn = Turn(role=Role.ASSISTANT, text=text, interrupted=interrupted, attachments=list(attachments))
+        self._number(turn, Role.ASSISTANT, _ASSISTANT_LABEL)
         self.turns.append(turn)
         return turn
 
-    def attachments(self) -> list[Attachment]:
-        return [a for t in self.turns for a in t.attachments]
+    def _number(self, turn: Turn, role: Role, names: dict[AttachmentKind, str]) -> None:
+        counts = {kind: 0 for kind in AttachmentKind}
+        for a in self.attachments(role):
+            counts[a.kind] += 1
+        for a in turn.attachments:
+            counts[a.kind] += 1
+            a.label = a.label or f"{names[a.kind]} {counts[a.kind]}"
+
+    def attachments(self, role: Role | None = Role.USER) -> list[Attachment]:
+        """The attachments of `role`'s turns (the user's by default; None for all)."""
+        return [a for t in self.turns if role is None or t.role is role for a in t.attachments]
 
     # -- rendering ----------------------------------------------------------------
     def render(self, count_tokens: Callable[[str], int], budget: int) -> list[Message]:
@@ -201,13 +232,13 @@ class Conversation:
     def _costed(self, count_tokens: Callable[[str], int]) -> tuple[list[Turn], list[Message], list[int], int]:
         """The turns the model reads, as messages, with their token costs and the system prompt's."""
         turns = [t for t in self.turns if not t.notice and (t.text or t.attachments or t.observations)]
-        messages = [Message(t.role.value, t.model_text()) for t in turns]
+        messages = [Message(t.role, t.model_text()) for t in turns]
         cost = [count_tokens(m.content) + _MESSAGE_OVERHEAD for m in messages]
         return turns, messages, cost, count_tokens(self.system_prompt) + _MESSAGE_OVERHEAD
 
     def _window(self, messages: list[Message], first: int, note: str) -> list[Message]:
         system = self.system_prompt + (f"\n\n{note}" if note else "")
-        return [Message(Role.SYSTEM.value, system)] + messages[first:]
+        return [Message(Role.SYSTEM, system)] + messages[first:]
 
     @staticmethod
     def _window_starts(turns: list[Turn], cost: list[int], step: int) -> list[int]:
@@ -231,7 +262,7 @@ class Conversation:
         if not dropped:
             return ""
         header = "Earlier in this conversation (condensed):"
-        facts = [f"- {t.attachment_note(a)}" for t in dropped for a in t.attachments]
+        facts = [f"- {t.attachment_note(a)}" for t in dropped if t.role is Role.USER for a in t.attachments]
         said = [f'- The user said: "{_shorten(t.text, 200)}"' for t in reversed(dropped)
                 if t.role is Role.USER and t.text]
         lines = [header] + facts
@@ -246,14 +277,14 @@ class Conversation:
         return json.loads(json.dumps(asdict(self), default=_enum_value))
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Conversation":
+    def from_dict(cls, data: dict) -> Conversation:
         return cls(**data)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), ensure_ascii=False, indent=1)
 
     @classmethod
-    def from_json(cls, text: str) -> "Conversation":
+    def from_json(cls, text: str) -> Conversation:
         return cls.from_dict(json.loads(text))
 
 

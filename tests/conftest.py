@@ -10,7 +10,19 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 import pytest  # noqa: E402
 
-from tests.tiny_models import build_tiny_causal, build_tiny_t5  # noqa: E402
+from tests.support.tiny_models import build_tiny_causal, build_tiny_t5  # noqa: E402
+
+_FOLDER_MARKS = {"unit": pytest.mark.unit, "e2e": pytest.mark.e2e}
+
+
+def pytest_collection_modifyitems(items):
+    """Each test is marked by its folder (`pytest -m unit` runs the fast ones); browser tests also `browser`."""
+    for item in items:
+        folder = item.path.parent.name
+        if folder in _FOLDER_MARKS:
+            item.add_marker(_FOLDER_MARKS[folder])
+        if "page" in getattr(item, "fixturenames", ()) or "browser" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.browser)
 
 
 @pytest.fixture(scope="session")
@@ -26,7 +38,7 @@ def tiny_causal_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def app_server(tmp_path_factory):
     """The real app (bundled models) served on a free local port, shared by API and browser tests."""
-    from tests.server import AppServer
+    from tests.support.server import AppServer
 
     with AppServer(tmp_path_factory.mktemp("app-data")) as server:
         yield server
@@ -59,7 +71,7 @@ def browser():
 
 @pytest.fixture
 def page(browser, app_server):
-    from tests.drivers import open_page
+    from tests.support.drivers import open_page
 
     with open_page(browser, app_server.url) as tab:
         yield tab

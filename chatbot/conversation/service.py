@@ -1,0 +1,242 @@
+"""Chat turns end to end, and the conversations they belong to.
+
+`ChatService` is shared by every browser session and API client; it owns the
+models and the conversation store, and knows nothing about Gradio. Every
+operation names an *owner* (see `resolve_owner`); the store refuses to show or
+change a conversation to anyone but its owner.
+
+Durability: a user's turn is saved before its reply starts, the reply when it
+ends (stopped replies are kept, marked interrupted). A reply cut off by the
+server dying is never written; on the next start `ConversationStore.close_unanswered`
+marks it as an interrupted, empty reply, which the user can regenerate.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from chatbot.conversation.owners import ChatSession
+from chatbot.conversation.store import (
+    ConversationNotFound,
+    ConversationStore,
+    ConversationSummary,
+)
+from chatbot.errors import UserFacingError
+from chatbot.generation.base import GenerationSettings, ReplyGenerator
+from chatbot.perception.encoder import MultimodalEncoder
+from chatbot.state import Conversation, Role, Turn
+
+log = logging.getLogger(__name__)
+
+SORRY = "Sorry, something went wrong on my side while answering. Your conversation is safe; please try again."
+MAX_TITLE_LENGTH = 120
+
+
+@dataclass
+class _RunningReply:
+    owner: str
+    stop: threading.Event = field(default_factory=threading.Event)
+
+
+# -- the service --------------------------------------------------------------------------
+@dataclass
+class ChatService:
+    encoder: MultimodalEncoder
+    generator: ReplyGenerator
+    store: ConversationStore
+    settings: GenerationSettings = field(default_factory=GenerationSettings)
+    system_prompt: str | None = None
+
+    def __post_init__(self) -> None:
+        self._running: dict[str, _RunningReply] = {}
+        self._lock = threading.Lock()
+        # No reply runs yet: any user turn still waiting for one was cut off by a crash.
+        closed = self.store.close_unanswered()
+        if closed:
+            log.warning("Marked %d reply(s) cut off by the last shutdown as interrupted", closed)
+
+    # -- conversations ------------------------------------------------------------------
+    def new_conversation(self) -> Conversation:
+        """A fresh conversation; it is stored once it has a turn."""
+        return Conversation() if self.system_prompt is None else Conversation(system_prompt=self.system_prompt)
+
+    def conversation(self, owner: str, conv_id: str | None) -> Conversation:
+        """The owner's conversation with this id as stored now, or a new one if there is none."""
+        if conv_id:
+            try:
+                return self.store.load(owner, conv_id)
+            except ConversationNotFound:
+                pass
+        return self.new_conversation()
+
+    def open(self, owner: str, conv_id: str) -> Conversation:
+        """The owner's conversation; ConversationNotFound for any other id (someone else's included)."""
+        return self.store.load(owner, conv_id)
+
+    def conversations(self, owner: str) -> list[ConversationSummary]:
+        return self.store.list(owner)
+
+    def rename(self, owner: str, conv_id: str, title: str) -> None:
+        title = " ".join((title or "").split())[:MAX_TITLE_LENGTH]
+        if not title:
+            raise UserFacingError("A conversation needs a title; type one first.")
+        self.store.rename(owner, conv_id, title)
+
+    def delete(self, owner: str, conv_id: str) -> bool:
+        self.stop(owner, conv_id)
+        return self.store.delete(owner, conv_id)
+
+    def export_json(self, owner: str, conv_id: str, include_files: bool = True) -> str:
+        return self.store.export_json(owner, conv_id, include_files)
+
+    def import_json(self, owner: str, text: str) -> Conversation:
+        return self.store.import_json(owner, text)
+
+    # -- turns ----------------------------------------------------------------------------
+    def respond(self, owner: str, conv: Conversation, text: str, files: list[str] = (),
+                settings: GenerationSettings | None = None) -> Iterator[str]:
+        """Add the user's turn to `conv` and stream the reply, yielding the reply so far.
+
+        The first value ("") comes once the user's turn is in the state and stored, so
+        a UI can show it (e.g. a voice message's transcript) before the reply starts.
+        Input the encoder rejects becomes a pair of notice turns: shown, never sent to
+        the model.
+        """
+        try:
+            turn = self.encoder.encode(text, files)
+        except UserFacingError as error:
+            self._notice(conv, text, files, str(error))
+            self._save(owner, conv)
+            yield ""
+            return
+        except Exception:  # noqa: BLE001 - a crash in an encoder must not end the session
+            log.exception("Encoding a turn failed")
+            self._notice(conv, text, files, SORRY)
+            self._save(owner, conv)
+            yield ""
+            return
+        conv.add_user_turn(turn)
+        self._save(owner, conv)
+        yield ""
+        yield from self._reply(owner, conv, settings or self.settings)
+
+    def regenerate(self, owner: str, conv: Conversation, settings: GenerationSettings | None = None) -> Iterator[str]:
+        """Replace the reply to the last user turn with a new one (streamed like `respond`)."""
+        last = self._last_user_turn(conv)
+        if last is None or conv.turns[last].notice:
+            return  # nothing the model could answer
+        del conv.turns[last + 1:]
+        self._save(owner, conv)
+        yield ""
+        yield from self._reply(owner, conv, settings or self.settings)
+
+    def edit(self, owner: str, conv: Conversation, turn_id: str, text: str,
+             settings: GenerationSettings | None = None) -> Iterator[str]:
+        """Change what a past user turn says, drop everything after it, and answer it anew.
+
+        Its attachments and what was observed in them stay.
+        """
+        index = next((i for i, t in enumerate(conv.turns) if t.id == turn_id), None)
+        if index is None or conv.turns[index].role is not Role.USER or conv.turns[index].notice:
+            raise UserFacingError("Only your own messages in this conversation can be edited.")
+        turn = conv.turns[index]
+        text = (text or "").strip()
+        if not text and not turn.attachments:
+            raise UserFacingError("An edited message cannot be empty.")
+        self.stop(owner, conv.id)
+        turn.text = text
+        del conv.turns[index + 1:]
+        self._save(owner, conv)
+        yield ""
+        yield from self._reply(owner, conv, settings or self.settings)
+
+    def undo(self, owner: str, conv: Conversation) -> bool:
+        """Remove the last exchange (the last user turn and what followed it)."""
+        last = self._last_user_turn(conv)
+        if last is None:
+            return False
+        self.stop(owner, conv.id)
+        del conv.turns[last:]
+        self._save(owner, conv)
+        return True
+
+    def clear(self, owner: str, conv: Conversation) -> None:
+        """Empty the conversation; an empty conversation is not kept in the store."""
+        self.stop(owner, conv.id)
+        conv.turns.clear()
+        conv.title = ""
+        self._save(owner, conv)
+
+    def stop(self, owner: str, conv_id: str | None) -> bool:
+        """Stop the reply being generated for this owner's conversation, if any."""
+        with self._lock:
+            running = self._running.get(conv_id or "")
+        if running is None or running.owner != owner:
+            return False
+        running.stop.set()
+        return True
+
+    def end_session(self, session: ChatSession | None) -> None:
+        """A browser session ended: stop its reply (what was said so far is saved as interrupted)."""
+        if session and session.owner:
+            self.stop(session.owner, session.conversation_id)
+
+    # -- internals ------------------------------------------------------------------------
+    def _reply(self, owner: str, conv: Conversation, settings: GenerationSettings) -> Iterator[str]:
+        running = _RunningReply(owner)
+        with self._lock:
+            self._running[conv.id] = running
+        reply = ""
+        failed = finished = False
+        try:
+            messages = conv.render(self.generator.count_tokens, self.generator.prompt_budget(settings))
+            for piece in self.generator.stream(messages, settings, running.stop):
+                reply += piece
+                yield reply
+            finished = True
+        except Exception:  # noqa: BLE001
+            log.exception("Generating a reply failed")
+            failed = True
+        finally:
+            # Runs on normal end, on stop, and when the consumer goes away (GeneratorExit).
+            with self._lock:
+                if self._running.get(conv.id) is running:
+                    del self._running[conv.id]
+            position = len(conv.turns)
+            if reply.strip() or not failed:
+                conv.add_assistant_turn(reply.strip(), interrupted=running.stop.is_set() or not finished)
+            if failed:
+                conv.turns.append(Turn(role=Role.ASSISTANT, text=SORRY, notice=True))
+            try:
+                if not self.store.append(owner, conv.id, position, conv.turns[position:]):
+                    log.info("Conversation %s changed while replying; the reply was not kept", conv.id)
+            except Exception:  # noqa: BLE001 - the reply is shown; its loss is logged
+                log.exception("Saving the reply failed")
+        if failed:
+            yield reply
+        elif finished:
+            # While the user reads and types, read the window the next turns will move to (if near).
+            ahead = conv.render_ahead(self.generator.count_tokens, self.generator.prompt_budget(settings))
+            if ahead:
+                self.generator.prefill(ahead)
+
+    def _save(self, owner: str, conv: Conversation) -> None:
+        if conv.turns:
+            self.store.save(owner, conv)
+        else:
+            self.store.delete(owner, conv.id)
+
+    @staticmethod
+    def _last_user_turn(conv: Conversation) -> int | None:
+        return next((i for i in range(len(conv.turns) - 1, -1, -1) if conv.turns[i].role is Role.USER), None)
+
+    @staticmethod
+    def _notice(conv: Conversation, text: str, files, message: str) -> None:
+        names = [str(f).rsplit("/", 1)[-1] for f in files]
+        shown = "\n".join(filter(None, [(text or "").strip()] + [f"📎 {n}" for n in names]))
+        conv.title = conv.title or " ".join(shown.split())[:60]
+        conv.turns.append(Turn(role=Role.USER, text=shown, notice=True))
+        conv.turns.append(Turn(role=Role.ASSISTANT, text=message, notice=True))

@@ -1,0 +1,109 @@
+"""What the conversation layer needs from a reply model, and the registry that picks one.
+
+The service only ever talks to a `ReplyGenerator`: it renders the dialogue state
+into messages, asks how many tokens they cost, and streams a reply. Nothing here
+imports torch, so a remote backend (any OpenAI-compatible server) or a test
+double is one class registered in `BACKENDS`, exactly like the built-in
+transformers one.
+"""
+
+from __future__ import annotations
+
+import importlib
+import threading
+from collections.abc import Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+from chatbot.state import Message
+
+if TYPE_CHECKING:
+    from chatbot.config import Config
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    max_new_tokens: int = 256
+    temperature: float = 0.7  # 0 means greedy decoding
+    top_p: float = 0.9
+    repetition_penalty: float = 1.1
+
+    def generate_kwargs(self) -> dict:
+        """The settings as transformers' `generate` takes them."""
+        sampling = self.temperature > 0
+        kwargs = dict(max_new_tokens=self.max_new_tokens, do_sample=sampling,
+                      repetition_penalty=self.repetition_penalty)
+        if sampling:
+            kwargs.update(temperature=self.temperature, top_p=self.top_p)
+        else:
+            # Explicitly unset sampling knobs a checkpoint's generation_config may carry.
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        return kwargs
+
+
+@runtime_checkable
+class ReplyGenerator(Protocol):
+    """A loaded language model that streams replies to a list of messages."""
+
+    name: str
+    context_tokens: int  # prompt plus reply must fit in this many tokens
+
+    def count_tokens(self, text: str) -> int:
+        """Tokens `text` costs in a prompt (used to fit the conversation into the budget)."""
+
+    def prompt_budget(self, settings: GenerationSettings) -> int:
+        """How many tokens the rendered conversation may take, leaving room for the reply."""
+
+    def stream(self, messages: list[Message], settings: GenerationSettings,
+               stop: threading.Event | None = None) -> Iterator[str]:
+        """Yield the reply in pieces as it is generated; setting `stop` ends it at the next token."""
+
+    def prefill(self, messages: list[Message]) -> Future:
+        """Start reading a prompt prefix ahead of time (backends without a cache do nothing)."""
+
+
+def prompt_budget(context_tokens: int, settings: GenerationSettings) -> int:
+    """The usual budget: the context less the reply's room (never below a short prompt)."""
+    return max(64, context_tokens - settings.max_new_tokens)
+
+
+def done() -> Future:
+    """An already finished future, for backends with nothing to read ahead."""
+    future: Future = Future()
+    future.set_result(None)
+    return future
+
+
+class Backend(Protocol):
+    """A class that can build a generator from the app's settings."""
+
+    @classmethod
+    def from_config(cls, config: Config) -> ReplyGenerator: ...
+
+
+# The one place backends are named. Values are "module:Class" strings, imported only when chosen,
+# so choosing a remote backend never imports torch; tests and plugins add classes with `register`.
+BACKENDS: dict[str, str | type] = {
+    "transformers": "chatbot.generation.transformers_backend:TransformersGenerator",
+}
+
+
+def register(name: str, backend: type) -> None:
+    BACKENDS[name] = backend
+
+
+def backend(name: str) -> type:
+    """The backend class registered as `name`."""
+    try:
+        entry = BACKENDS[name]
+    except KeyError:
+        raise ValueError(f"unknown text backend {name!r}; choose one of {', '.join(sorted(BACKENDS))}") from None
+    if isinstance(entry, str):
+        module, _, cls = entry.partition(":")
+        entry = BACKENDS[name] = getattr(importlib.import_module(module), cls)
+    return entry
+
+
+def load_generator(config: Config) -> ReplyGenerator:
+    return backend(config.text_backend).from_config(config)

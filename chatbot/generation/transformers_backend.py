@@ -1,0 +1,233 @@
+"""The local reply model: transformers on the CPU, streaming rendered messages into reply text.
+
+Two kinds of model share one streaming loop: causal chat models (prompt built with
+the tokenizer's chat template) and seq2seq models such as T5/Flan-T5/BART
+(prompt written as plain dialogue text). `load_generator` picks the backend
+from the model's config, never from its name.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    DynamicCache,
+    StoppingCriteria,
+    StoppingCriteriaList,
+    TextIteratorStreamer,
+)
+
+from chatbot import weights
+from chatbot.errors import UserFacingError
+from chatbot.generation import decode_step
+from chatbot.generation.base import GenerationSettings, done, prompt_budget
+from chatbot.generation.prefix_cache import PrefixCache
+from chatbot.generation.quantize import quantize
+from chatbot.state import Message, Role
+
+log = logging.getLogger(__name__)
+
+# All torch work of reply models (loading, quantizing, generating) runs on this one thread: torch's
+# OpenMP pool belongs to the calling thread, and a second pool competing for the cores cost a third
+# of the decoding speed on a 2-core machine (48 vs 34 tokens/s measured).
+_MODEL_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reply-model")
+PREFILL_CHUNK = 64  # tokens read ahead between checks for a reply waiting for the model thread
+
+
+def wait_idle() -> None:
+    """Block until the reply-model thread has finished everything queued so far (for benchmarks)."""
+    _MODEL_THREAD.submit(lambda: None).result()
+
+
+class _StopOnEvent(StoppingCriteria):
+    """Ends generation at the next token once any of this request's events is set."""
+
+    def __init__(self, *events: threading.Event):
+        self.events = events
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        stopped = any(e.is_set() for e in self.events)
+        return torch.full((input_ids.shape[0],), stopped, dtype=torch.bool, device=input_ids.device)
+
+
+class TransformersGenerator(ABC):
+    """A transformers model in this process (implements `base.ReplyGenerator`)."""
+
+    prefix_cache: PrefixCache | None = None  # set by backends whose prompts grow turn by turn
+
+    def __init__(self, name: str, model, tokenizer, context_tokens: int):
+        self.name = name
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.context_tokens = context_tokens
+        # One generation at a time: the CPU has few cores and concurrent runs only slow each other.
+        self._lock = threading.Lock()
+        # Replies submitted to the model thread but not started yet: reading ahead gives way to them.
+        self._replies_waiting = 0
+        self._waiting_lock = threading.Lock()
+
+    @classmethod
+    def from_config(cls, config) -> TransformersGenerator:
+        """The registry's entry point: the model the settings name (bundled key, folder or hub id)."""
+        return load_generator(config.text_model, quantization=config.quantize, max_context=config.max_context)
+
+    def prefill(self, messages: list[Message]) -> Future:
+        """Start reading a prompt prefix (the system prompt, a moved window) into the cache ahead of time.
+
+        It runs on the model thread in chunks and stops early when a reply is waiting; what was
+        read is kept. Only backends that reuse caches do anything.
+        """
+        return done()
+
+    def _count_waiting(self, change: int) -> None:
+        with self._waiting_lock:
+            self._replies_waiting += change
+
+    def count_tokens(self, text: str) -> int:
+        return len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def prompt_budget(self, settings: GenerationSettings) -> int:
+        return prompt_budget(self.context_tokens, settings)
+
+    @abstractmethod
+    def encode_prompt(self, messages: list[Message]) -> dict[str, torch.Tensor]:
+        """Tokenised model inputs for `messages` (batch of one)."""
+
+    def stream(self, messages: list[Message], settings: GenerationSettings,
+               stop: threading.Event | None = None) -> Iterator[str]:
+        """Yield the reply in pieces as it is generated; setting `stop` ends it early."""
+        stop = stop or threading.Event()
+        abandoned = threading.Event()  # our own signal, so the caller's `stop` keeps meaning "user asked"
+        inputs = self.encode_prompt(messages)
+        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        failure: list[BaseException] = []
+
+        def run() -> None:
+            self._count_waiting(-1)
+            try:
+                with self._lock, torch.inference_mode():
+                    if not stop.is_set():
+                        cache = self._reusable_cache(inputs["input_ids"][0])
+                        sequences = self.model.generate(
+                            **inputs, **settings.generate_kwargs(), streamer=streamer,
+                            stopping_criteria=StoppingCriteriaList([_StopOnEvent(stop, abandoned)]),
+                            pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
+                            **({"past_key_values": cache} if cache is not None else {}))
+                        if cache is not None:
+                            self.prefix_cache.put(sequences[0], cache)
+            except BaseException as error:  # noqa: BLE001 - surfaced in the consumer's thread below
+                failure.append(error)
+            finally:
+                streamer.end()
+
+        self._count_waiting(+1)
+        worker = _MODEL_THREAD.submit(run)
+        try:
+            for piece in streamer:
+                if piece:
+                    yield piece
+        finally:
+            # Also reached when the consumer goes away (closed tab): free the CPU at once.
+            abandoned.set()
+            worker.result()
+        if failure:
+            raise failure[0]
+
+    def _reusable_cache(self, ids: torch.Tensor):
+        """A KV cache already holding the longest known prefix of `ids` (or an empty one to fill)."""
+        if self.prefix_cache is None:
+            return None
+        return self.prefix_cache.take(ids) or DynamicCache(config=self.model.config)
+
+
+class CausalChatGenerator(TransformersGenerator):
+    """Decoder-only chat models; the prompt comes from the tokenizer's chat template."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.prefix_cache = PrefixCache()
+
+    def prefill(self, messages: list[Message]) -> Future:
+        ids = self.tokenizer.apply_chat_template(_chat(messages), return_dict=True, return_tensors="pt")["input_ids"]
+        reading = _MODEL_THREAD.submit(self._prefill, ids[0])
+        reading.add_done_callback(_log_failure)  # nobody waits on a read-ahead: its errors would go unseen
+        return reading
+
+    def _prefill(self, ids: torch.Tensor) -> None:
+        with self._lock, torch.inference_mode():
+            if self.prefix_cache is None:
+                return
+            cache = self._reusable_cache(ids)
+            start = done = cache.get_seq_length()
+            while done < len(ids) and not self._replies_waiting:
+                chunk = ids[done:done + PREFILL_CHUNK]
+                self.model(input_ids=chunk[None], past_key_values=cache, use_cache=True, logits_to_keep=1)
+                done += len(chunk)
+            if done > start:
+                self.prefix_cache.put(ids, cache)
+
+    def encode_prompt(self, messages: list[Message]) -> dict[str, torch.Tensor]:
+        return self.tokenizer.apply_chat_template(_chat(messages), add_generation_prompt=True, return_dict=True,
+                                                  return_tensors="pt")
+
+
+def _log_failure(work: Future) -> None:
+    if work.exception() is not None:
+        log.error("Reading a prompt ahead failed", exc_info=work.exception())
+
+
+def _chat(messages: list[Message]) -> list[dict[str, str]]:
+    """Messages in the form chat templates take."""
+    return [{"role": m.role.value, "content": m.content} for m in messages]
+
+
+class Seq2SeqGenerator(TransformersGenerator):
+    """Encoder-decoder models (T5, Flan-T5, BART): the dialogue goes to the encoder as text."""
+
+    _SPEAKER = {Role.USER: "User", Role.ASSISTANT: "Assistant"}
+
+    def encode_prompt(self, messages: list[Message]) -> dict[str, torch.Tensor]:
+        lines = [m.content if m.role is Role.SYSTEM else f"{self._SPEAKER[m.role]}: {m.content}" for m in messages]
+        prompt = "\n".join(lines + ["Assistant:"])
+        return self.tokenizer(prompt, return_tensors="pt", truncation=True, max_length=self.context_tokens)
+
+
+def load_generator(spec: str, *, quantization: str = "none", max_context: int = 2048) -> TransformersGenerator:
+    """Load a bundled model key, a local directory or a Hugging Face hub id.
+
+    Raises UserFacingError with the reason when the model cannot be loaded.
+    """
+    return _MODEL_THREAD.submit(_load_generator, spec, quantization, max_context).result()
+
+
+def _load_generator(spec: str, quantization: str, max_context: int) -> TransformersGenerator:
+    try:
+        path = str(weights.CHAT_MODELS[spec].checkpoint_dir()) if spec in weights.CHAT_MODELS else spec
+        config = AutoConfig.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        backend = Seq2SeqGenerator if config.is_encoder_decoder else CausalChatGenerator
+        auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+        model = auto.from_pretrained(path, dtype=torch.float32)
+    except Exception as error:  # noqa: BLE001 - any loading failure gets the same clear message
+        hint = "" if Path(spec).exists() or spec in weights.CHAT_MODELS else (
+            " (not a local folder; downloading it from the Hugging Face hub needs internet access)")
+        raise UserFacingError(f"Could not load the text model '{spec}'{hint}: {error}") from error
+    if backend is CausalChatGenerator and not tokenizer.chat_template:
+        raise UserFacingError(f"The text model '{spec}' is a causal model without a chat template; "
+                              "choose an instruction-tuned (chat) model")
+    model = quantize(model, quantization)
+    if backend is CausalChatGenerator and decode_step.attach(model):
+        log.info("Decoding steps use the lean one-token pass")
+    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or max_context
+    log.info("Loaded text model %s (%s, %s)", spec, backend.__name__, quantization)
+    return backend(spec, model, tokenizer, min(max_context, limit))

@@ -1,0 +1,154 @@
+"""Speech to text for recordings already prepared by `chatbot.perception.audio.load_audio`.
+
+Two back ends: faster-whisper (CTranslate2, int8 on CPU; the bundled default)
+and transformers (any Hugging Face speech-to-text checkpoint, for users who have
+one on disk or can reach the hub). `load_recognizer` picks one from a spec.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from chatbot import weights
+from chatbot.errors import UserFacingError
+from chatbot.perception.audio import SAMPLE_RATE, AudioClip
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SPEECH_MODEL = "whisper-base"
+WHISPER_WINDOW_SECONDS = 30  # Whisper sees 30 s at a time; longer audio needs its long-form decoding
+
+
+@dataclass
+class Transcript:
+    text: str  # "" when no speech was recognised
+    language: str  # ISO code ("en"), or "" when the model cannot tell
+    duration: float  # seconds of the original recording (AudioClip.duration)
+
+
+class SpeechRecognizer(ABC):
+    """Loaded once, then `transcribe` may be called from several threads (calls run one at a time)."""
+
+    name: str
+
+    @abstractmethod
+    def transcribe(self, clip: AudioClip) -> Transcript: ...
+
+
+@dataclass(frozen=True)
+class WhisperSettings:
+    """faster-whisper decoding options, kept in one place so the benchmark can reuse them exactly."""
+
+    beam_size: int = 1  # greedy: far cheaper than beam search on CPU, and chat messages are short
+    vad_filter: bool = True  # skip non-speech, where Whisper tends to invent text ("Thank you.")
+    condition_on_previous_text: bool = False  # stops one misheard window from derailing the rest
+
+
+def _cpu_threads() -> int:
+    # CTranslate2's default (4) oversubscribes small machines; more than 4 barely helps a base model.
+    return max(1, min(4, len(os.sched_getaffinity(0))))
+
+
+class FasterWhisperRecognizer(SpeechRecognizer):
+    """A CTranslate2 Whisper model directory, run int8 on the CPU."""
+
+    def __init__(self, model_dir: str | Path, *, language: str | None = None, name: str | None = None,
+                 settings: WhisperSettings = WhisperSettings()) -> None:
+        from faster_whisper import (
+            WhisperModel,  # heavy (CTranslate2, ONNX runtime): import on first load
+        )
+
+        self.name = name or str(model_dir)
+        self.settings = settings
+        self.model = WhisperModel(str(model_dir), device="cpu", compute_type="int8", cpu_threads=_cpu_threads())
+        if language is not None and language not in self.model.supported_languages:
+            raise UserFacingError(f"Speech model '{self.name}' does not support the language '{language}'.")
+        self.language = language  # None: detect per recording
+        self._lock = threading.Lock()
+
+    def transcribe(self, clip: AudioClip) -> Transcript:
+        with self._lock:  # one decode at a time: parallel ones would only fight over the same few cores
+            segments, info = self.model.transcribe(clip.waveform.numpy(), language=self.language,
+                                                   **asdict(self.settings))
+            text = " ".join(s.text.strip() for s in segments)  # segments is lazy: decoding happens here
+        return Transcript(text=text.strip(), language=info.language, duration=clip.duration)
+
+
+class TransformersRecognizer(SpeechRecognizer):
+    """Any transformers speech-to-text checkpoint (hub id or local folder); Whisper gets language handling."""
+
+    def __init__(self, model_id: str | Path, *, language: str | None = None, name: str | None = None) -> None:
+        import torch
+        from transformers import AutoModelForSpeechSeq2Seq, AutoProcessor
+
+        self.name = name or str(model_id)
+        self.processor = AutoProcessor.from_pretrained(str(model_id))
+        # float32: checkpoints saved in half precision are slow or unsupported on CPU.
+        self.model = AutoModelForSpeechSeq2Seq.from_pretrained(str(model_id), dtype=torch.float32).eval()
+        generation = self.model.generation_config
+        self._is_whisper = self.model.config.model_type == "whisper"
+        multilingual = self._is_whisper and getattr(generation, "is_multilingual", False)
+        self._lang_to_id: dict[str, int] = dict(getattr(generation, "lang_to_id", None) or {}) if multilingual else {}
+        if language is not None and self._is_whisper and language not in self._languages():
+            raise UserFacingError(f"Speech model '{self.name}' does not support the language '{language}'.")
+        self.language = language
+        self._lock = threading.Lock()
+
+    def _languages(self) -> set[str]:
+        # English-only Whisper checkpoints have no language tokens but only ever produce English.
+        return {token.strip("<|>") for token in self._lang_to_id} if self._lang_to_id else {"en"}
+
+    def transcribe(self, clip: AudioClip) -> Transcript:
+        import torch
+
+        audio = clip.waveform.numpy()
+        long_form = self._is_whisper and audio.size > WHISPER_WINDOW_SECONDS * SAMPLE_RATE
+        extractor = self.processor.feature_extractor
+        if long_form:  # keep every frame; generate() then walks the audio window by window
+            inputs = extractor(audio, sampling_rate=SAMPLE_RATE, return_tensors="pt", truncation=False,
+                               padding="longest", return_attention_mask=True)
+        else:
+            inputs = extractor(audio, sampling_rate=SAMPLE_RATE, return_tensors="pt")
+        with self._lock, torch.inference_mode():
+            language = self.language or self._detect_language(inputs["input_features"])
+            extra = {"language": language, "task": "transcribe"} if self._lang_to_id else {}
+            if long_form:
+                extra["return_timestamps"] = True
+            ids = self.model.generate(**inputs, **extra)
+        text = self.processor.batch_decode(ids, skip_special_tokens=True)[0]
+        return Transcript(text=text.strip(), language=language, duration=clip.duration)
+
+    def _detect_language(self, features) -> str:
+        if not self._lang_to_id:
+            return "en" if self._is_whisper else ""  # English-only Whisper, or a model that does not say
+        token_id = int(self.model.detect_language(input_features=features)[0])
+        return next(token for token, i in self._lang_to_id.items() if i == token_id).strip("<|>")
+
+
+def load_recognizer(spec: str = DEFAULT_SPEECH_MODEL, language: str | None = None) -> SpeechRecognizer:
+    """A recogniser for `spec`: a bundled model key, a CTranslate2 folder, or a transformers id/folder.
+
+    `language` is a Whisper language code ("en", "fr"...) to force, or None to detect it per recording.
+    Anything that stops the model loading becomes a one-line UserFacingError naming `spec`.
+    """
+    language = (language or "").strip().lower() or None
+    path = Path(spec).expanduser()
+    try:
+        if spec in weights.SPEECH_MODELS:
+            return FasterWhisperRecognizer(weights.SPEECH_MODELS[spec](), language=language, name=spec)
+        if (path / "model.bin").is_file():
+            return FasterWhisperRecognizer(path, language=language, name=spec)
+        if spec.startswith(("/", ".", "~")) and not path.exists():
+            raise FileNotFoundError(f"no such folder: {path}")  # clearer than the hub's "invalid repo id"
+        return TransformersRecognizer(path if path.is_dir() else spec, language=language, name=spec)
+    except UserFacingError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any loader failure means the same thing to the user
+        log.exception("Could not load speech model %r", spec)
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise UserFacingError(f"Speech model '{spec}' could not be loaded: {reason}") from e

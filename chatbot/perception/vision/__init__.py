@@ -1,0 +1,28 @@
+"""What a photo holds, as short English notes a text-only language model can read.
+
+Each `ImageAnalyzer` turns a `LoadedImage` into zero or more `Observation`s:
+the text in it (OCR), faces, plain facts (size, brightness, colours, kind of
+picture, EXIF) and optionally a caption from a Hugging Face model. Analyzers
+say nothing rather than something likely false: an empty list is a fine answer.
+
+Analyzers load their models once, in `__init__`, and serialise model calls
+with a lock, so one instance of each can be shared by every chat session.
+"""
+
+from __future__ import annotations
+
+from chatbot.perception.vision.base import ImageAnalyzer
+from chatbot.perception.vision.captioner import Captioner
+from chatbot.perception.vision.faces import PeopleDetector
+from chatbot.perception.vision.facts import ImageFacts
+from chatbot.perception.vision.ocr import TextReader
+
+__all__ = ["Captioner", "ImageAnalyzer", "ImageFacts", "PeopleDetector", "TextReader", "load_analyzers"]
+
+
+def load_analyzers(caption_model: str | None = None) -> list[ImageAnalyzer]:
+    """The default analyzers, plus a captioner when a model is named (UserFacingError if it won't load)."""
+    analyzers: list[ImageAnalyzer] = [TextReader(), PeopleDetector(), ImageFacts()]
+    if caption_model:
+        analyzers.append(Captioner(caption_model))
+    return analyzers

@@ -1,0 +1,94 @@
+"""The lean one-token decoding pass gives the model's own numbers, and steps aside for what it does not handle."""
+
+import pytest
+import torch
+from transformers import (
+    DynamicCache,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
+
+from chatbot.generation import decode_step
+from chatbot.generation.quantize import quantize
+
+SIZES = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=256)
+PROMPT = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(1))
+
+
+def tiny(kind: str, mode: str = "none"):
+    torch.manual_seed(0)
+    config, model_class = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM),
+                           "qwen3": (Qwen3Config, Qwen3ForCausalLM)}[kind]
+    extra = {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                              "original_max_position_embeddings": 64}} if kind == "llama" else {}
+    return quantize(model_class(config(**SIZES, **extra)).eval(), mode)
+
+
+class CountingStep(decode_step.LeanStep):
+    calls = 0
+
+    def __call__(self, *args):
+        CountingStep.calls += 1
+        return super().__call__(*args)
+
+
+@pytest.fixture(autouse=True)
+def count_lean_steps(monkeypatch):
+    CountingStep.calls = 0
+    monkeypatch.setattr(decode_step, "LeanStep", CountingStep)
+
+
+@pytest.mark.parametrize(("kind", "mode"), [("qwen2", "none"), ("llama", "none"), ("qwen2", "int4"), ("qwen2", "int8")])
+def test_each_step_gives_the_logits_of_the_models_own_forward(kind, mode):
+    model = tiny(kind, mode)
+    original = model.forward
+    assert decode_step.attach(model)
+    with torch.inference_mode():
+        ours, theirs = DynamicCache(config=model.config), DynamicCache(config=model.config)
+        model(input_ids=PROMPT, past_key_values=ours)
+        original(input_ids=PROMPT, past_key_values=theirs)
+        token = PROMPT[:, -1:]
+        for _ in range(6):  # positions move on, the cache grows
+            got = model(input_ids=token, past_key_values=ours, use_cache=True).logits
+            expected = original(input_ids=token, past_key_values=theirs, use_cache=True).logits
+            torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+            token = expected[:, -1:].argmax(-1)
+    assert CountingStep.calls == 6
+    for layer_ours, layer_theirs in zip(ours.layers, theirs.layers):
+        torch.testing.assert_close(layer_ours.keys, layer_theirs.keys)
+        torch.testing.assert_close(layer_ours.values, layer_theirs.values)
+
+
+@pytest.mark.parametrize("mode", ["none", "int4"])
+def test_generate_writes_the_same_reply_and_uses_the_lean_step(mode):
+    settings = dict(attention_mask=torch.ones_like(PROMPT), max_new_tokens=12, min_new_tokens=12, do_sample=False)
+    with torch.inference_mode():
+        expected = tiny("qwen2", mode).generate(PROMPT, **settings)
+        model = tiny("qwen2", mode)
+        decode_step.attach(model)
+        got = model.generate(PROMPT, **settings)
+    assert torch.equal(got, expected)
+    assert CountingStep.calls == 11  # the prompt is read by the model's own forward, then one lean step per token
+
+
+def test_prompts_and_padded_batches_go_to_the_models_own_forward():
+    model = tiny("qwen2")
+    decode_step.attach(model)
+    with torch.inference_mode():
+        cache = DynamicCache(config=model.config)
+        model(input_ids=PROMPT, past_key_values=cache)  # several tokens at once
+        model(input_ids=PROMPT[:, :1], attention_mask=torch.tensor([[0] * 9 + [1]]), past_key_values=cache)
+        model(input_ids=PROMPT[:, :1], past_key_values=cache, output_hidden_states=True)
+    assert CountingStep.calls == 0
+
+
+def test_architectures_it_does_not_know_keep_their_forward():
+    model = tiny("qwen3")  # per-head q/k norms: not the layout the lean step computes
+    forward = model.forward
+    assert not decode_step.attach(model)
+    assert model.forward == forward

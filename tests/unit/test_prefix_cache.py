@@ -1,0 +1,176 @@
+"""Reusing the KV cache of earlier prompts: same replies, far fewer prompt tokens re-read."""
+
+import threading
+import time
+
+import pytest
+import torch
+
+from chatbot.conversation.service import ChatService
+from chatbot.conversation.store import ConversationStore
+from chatbot.generation import transformers_backend as decoder
+from chatbot.generation.prefix_cache import PrefixCache, common_prefix_length
+from chatbot.generation.transformers_backend import (
+    GenerationSettings,
+    load_generator,
+    wait_idle,
+)
+from chatbot.perception.encoder import MultimodalEncoder
+from chatbot.state import Conversation, Message
+
+GREEDY = GenerationSettings(max_new_tokens=12, temperature=0)
+SYSTEM = Message("system", "You are helpful.")
+
+
+@pytest.fixture
+def generator(tiny_causal_dir):
+    return load_generator(str(tiny_causal_dir))
+
+
+class PrefillLengths:
+    """Records how many tokens each forward pass of the model reads."""
+
+    def __init__(self, model):
+        self.model, self.lengths = model, []
+
+    def __enter__(self):
+        def hook(module, args, kwargs):
+            self.lengths.append(kwargs["input_ids"].shape[1])
+
+        self.handle = self.model.register_forward_pre_hook(hook, with_kwargs=True)
+        return self
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+def conversation(generator, turns):
+    """Replies and prefill lengths for successive user turns, each turn resending the whole history."""
+    messages, replies, prefill = [SYSTEM], [], []
+    for text in turns:
+        messages.append(Message("user", text))
+        with PrefillLengths(generator.model) as seen:
+            reply = "".join(generator.stream(messages, GREEDY))
+        prefill.append(seen.lengths[0])
+        replies.append(reply)
+        messages.append(Message("assistant", reply))
+    return replies, prefill
+
+
+def test_reused_cache_gives_the_same_replies_and_reads_only_the_new_tail(generator, tiny_causal_dir):
+    turns = ["hello what is the name of my cat", "tell me about the weather today", "and tomorrow please"]
+    replies, prefill = conversation(generator, turns)
+    uncached = load_generator(str(tiny_causal_dir))
+    uncached.prefix_cache = None
+    fresh, full = conversation(uncached, turns)
+    assert replies == fresh
+    assert prefill[0] == full[0]  # nothing to reuse on the first turn
+    # Everything up to the previous reply was read last turn; only the reply and the new question are read now.
+    for previous_prompt, cached, whole in zip(full, prefill[1:], full[1:]):
+        assert cached <= whole - previous_prompt
+
+
+def test_prefill_of_the_system_prompt_is_used_by_a_first_turn(generator):
+    generator.prefill([SYSTEM]).result()
+    with PrefillLengths(generator.model) as seen:
+        "".join(generator.stream([SYSTEM, Message("user", "hello cat")], GREEDY))
+    full = generator.encode_prompt([SYSTEM, Message("user", "hello cat")])["input_ids"].shape[1]
+    assert seen.lengths[0] < full - 3
+
+
+def test_regenerating_the_same_prompt_reuses_all_but_one_token(generator):
+    messages = [SYSTEM, Message("user", "hello cat")]
+    first = "".join(generator.stream(messages, GREEDY))
+    with PrefillLengths(generator.model) as seen:
+        again = "".join(generator.stream(messages, GREEDY))
+    assert again == first and seen.lengths[0] == 1
+
+
+def test_common_prefix_length():
+    a = torch.tensor([1, 2, 3, 4])
+    assert common_prefix_length(a, torch.tensor([1, 2, 9])) == 2
+    assert common_prefix_length(a, torch.tensor([1, 2])) == 2
+    assert common_prefix_length(a, a) == 4
+    assert common_prefix_length(a, torch.tensor([7])) == 0
+
+
+def test_pool_keeps_the_most_recent_slots_and_drops_superseded_entries(generator):
+    pool = PrefixCache(slots=2, min_reuse=1)
+
+    def cache_for(ids):
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=generator.model.config)
+        with torch.no_grad():
+            generator.model(input_ids=ids[None], past_key_values=cache, use_cache=True)
+        return cache
+
+    a, b, c = torch.tensor([5, 6, 7]), torch.tensor([8, 9, 10]), torch.tensor([11, 12, 13])
+    pool.put(a, cache_for(a))
+    pool.put(torch.cat([a, b]), cache_for(torch.cat([a, b])))  # the same conversation, later: replaces `a`
+    assert len(pool) == 1
+    pool.put(b, cache_for(b))
+    pool.put(c, cache_for(c))
+    assert len(pool) == 2 and pool.take(torch.cat([a, b, c])) is None  # the oldest was evicted
+    reused = pool.take(torch.cat([c, a]))
+    assert reused.get_seq_length() == 3
+
+
+HISTORY = [SYSTEM, Message("user", "hello what is the name of my cat"), Message("assistant", "my cat is red")]
+NEXT = HISTORY + [Message("user", "and the dog")]
+
+
+def prompt_length(generator, messages) -> int:
+    return generator.encode_prompt(messages)["input_ids"].shape[1]
+
+
+def test_prefill_reads_in_chunks_and_the_next_turn_reads_only_its_new_tail(generator, monkeypatch):
+    monkeypatch.setattr(decoder, "PREFILL_CHUNK", 4)
+    with PrefillLengths(generator.model) as ahead:
+        generator.prefill(HISTORY).result()
+    assert len(ahead.lengths) > 3 and set(ahead.lengths[:-1]) == {4}
+    with PrefillLengths(generator.model) as seen:
+        "".join(generator.stream(NEXT, GREEDY))
+    assert seen.lengths[0] == prompt_length(generator, NEXT) - sum(ahead.lengths)
+
+
+def test_prefill_gives_way_to_a_reply_waiting_for_the_model(generator):
+    gate = threading.Event()
+    decoder._MODEL_THREAD.submit(gate.wait)  # keep the model thread busy while both are queued
+    replies = []
+    with PrefillLengths(generator.model) as seen:
+        ahead = generator.prefill(HISTORY)
+        reply = threading.Thread(target=lambda: replies.append("".join(generator.stream(NEXT, GREEDY))))
+        reply.start()
+        while not generator._replies_waiting:
+            time.sleep(0.01)
+        gate.set()
+        reply.join(timeout=60)
+    assert ahead.result() is None and replies
+    assert seen.lengths[0] == prompt_length(generator, NEXT)  # nothing was read ahead: the reply came first
+
+
+@pytest.mark.parametrize("read_ahead", [True, False])
+def test_turns_where_the_window_moves_read_only_their_tail_when_read_ahead(tiny_causal_dir, tmp_path, monkeypatch,
+                                                                           read_ahead):
+    if not read_ahead:
+        monkeypatch.setattr(Conversation, "render_ahead", lambda *args: None)
+    generator = load_generator(str(tiny_causal_dir), max_context=600)
+    store = ConversationStore(tmp_path / "data")
+    service = ChatService(MultimodalEncoder(store.media_dir), generator, store, GenerationSettings(8, temperature=0),
+                          system_prompt=SYSTEM.content)
+    budget = generator.prompt_budget(service.settings)
+    conv, reads, window = service.new_conversation(), [], []
+    for i in range(30):
+        with PrefillLengths(generator.model) as seen:
+            list(service.respond("key:ana", conv, f"tell me about the weather today and tomorrow {i}"))
+        reads.append(seen.lengths[0])
+        window.append(len(conv.render(generator.count_tokens, budget)))
+        wait_idle()  # the user reads the reply and types the next message
+    moves = sum(later < earlier for earlier, later in zip(window, window[1:]))  # fewer turns kept: it moved
+    assert moves >= 2
+    # A turn's new tail is its question and the previous reply (~25 tokens); the window is several times that.
+    if read_ahead:
+        assert max(reads[1:]) < budget // 4
+    else:
+        assert max(reads[1:]) > budget // 2

@@ -1,0 +1,213 @@
+"""ChatService: a turn end to end on a tiny model, bad input, stop, abandoned streams, chat controls,
+ownership and durability (every change is in the store when the call returns)."""
+
+import pytest
+
+from chatbot.conversation.owners import resolve_owner
+from chatbot.conversation.service import ChatService
+from chatbot.conversation.store import ConversationNotFound, ConversationStore
+from chatbot.errors import UserFacingError
+from chatbot.generation.transformers_backend import GenerationSettings, load_generator
+from chatbot.perception.encoder import MultimodalEncoder
+from chatbot.state import Role
+
+ANA, BEN = "key:ana", "key:ben"
+LONG = GenerationSettings(max_new_tokens=400, temperature=0)
+
+
+@pytest.fixture(scope="module")
+def generator(tiny_causal_dir):
+    gen = load_generator(str(tiny_causal_dir))
+    gen.model.generation_config.suppress_tokens = gen.tokenizer.all_special_ids  # replies run to the limit
+    return gen
+
+
+@pytest.fixture
+def store(tmp_path):
+    return ConversationStore(tmp_path / "data")
+
+
+@pytest.fixture
+def service(generator, store):
+    encoder = MultimodalEncoder(store.media_dir)  # no recogniser, no analyzers: text only
+    return ChatService(encoder, generator, store, GenerationSettings(max_new_tokens=24, temperature=0))
+
+
+def said(service, owner, conv, text, **kwargs):
+    return list(service.respond(owner, conv, text, **kwargs))
+
+
+def test_a_turn_adds_the_user_turn_then_streams_the_reply(service, store):
+    conv = service.new_conversation()
+    updates = said(service, ANA, conv, "hello what is the name of my cat")
+    assert updates[0] == ""  # the user's turn is in the state before the reply starts
+    assert all(b.startswith(a) for a, b in zip(updates[1:], updates[2:]))  # the reply only grows
+    assert [t.role for t in conv.turns] == [Role.USER, Role.ASSISTANT]
+    assert conv.turns[1].text == updates[-1].strip() and not conv.turns[1].interrupted
+    assert conv.title == "hello what is the name of my cat"
+    assert store.load(ANA, conv.id) == conv  # durable the moment the reply finished
+
+
+def test_the_user_turn_is_stored_before_the_reply_starts(service, store):
+    conv = service.new_conversation()
+    stream = service.respond(ANA, conv, "hello cat")
+    assert next(stream) == ""
+    stored = store.load(ANA, conv.id)
+    assert [t.text for t in stored.turns] == ["hello cat"]
+    stream.close()
+
+
+def test_owners_never_see_each_others_conversations(service):
+    a = service.new_conversation()
+    said(service, ANA, a, "about my cat")
+    assert service.conversation(ANA, a.id) == a
+    assert service.conversation(BEN, a.id).id != a.id  # someone else's id opens a fresh conversation
+    with pytest.raises(ConversationNotFound):
+        service.open(BEN, a.id)
+    with pytest.raises(ConversationNotFound):
+        service.rename(BEN, a.id, "mine now")
+    assert not service.delete(BEN, a.id)
+    assert [c.id for c in service.conversations(ANA)] == [a.id] and service.conversations(BEN) == []
+    with pytest.raises(ConversationNotFound):
+        service.export_json(BEN, a.id)
+
+
+def test_owner_keys_are_hashed_and_must_be_long():
+    assert resolve_owner(user="ana", key="k" * 20) == "user:ana"
+    owner = resolve_owner(key="a-long-enough-secret-key")
+    assert owner.startswith("key:") and "secret" not in owner
+    assert resolve_owner(session_hash="abc") == "session:abc"
+    with pytest.raises(UserFacingError):
+        resolve_owner(key="short")
+
+
+@pytest.mark.parametrize("name, content, expected", [
+    ("missing.png", None, "couldn't find"),
+    ("empty.wav", b"", "empty"),
+    ("voice.wav", b"RIFF" + bytes(64), "Voice messages are turned off"),
+])
+def test_bad_input_becomes_a_notice_and_keeps_the_conversation(service, store, tmp_path, name, content, expected):
+    if content is not None:
+        (tmp_path / name).write_bytes(content)
+    conv = service.new_conversation()
+    said(service, ANA, conv, "hello")
+    before = list(conv.turns)
+    said(service, ANA, conv, "look at this", files=[str(tmp_path / name)])
+    assert conv.turns[:2] == before
+    user_notice, reply_notice = conv.turns[2:]
+    assert user_notice.notice and reply_notice.notice and expected in reply_notice.text
+    assert "look at this" in user_notice.text
+    assert len(conv.render(len, 10_000)) == 3  # notices never reach the model
+    assert store.load(ANA, conv.id) == conv
+
+
+def test_empty_message_is_explained(service):
+    conv = service.new_conversation()
+    said(service, ANA, conv, "   ")
+    assert conv.turns[-1].notice and "Type a message" in conv.turns[-1].text
+
+
+def test_stop_keeps_the_partial_reply_marked_interrupted(service, store):
+    conv = service.new_conversation()
+    for reply in service.respond(ANA, conv, "tell me about the weather", settings=LONG):
+        if reply:
+            assert not service.stop(BEN, conv.id)  # only the owner can stop it
+            assert service.stop(ANA, conv.id)
+    last = conv.turns[-1]
+    assert last.role is Role.ASSISTANT and last.interrupted
+    assert not service.stop(ANA, conv.id)  # nothing left running
+    assert store.load(ANA, conv.id).turns[-1].interrupted
+
+
+def test_a_closed_stream_still_records_the_partial_reply(service, store):
+    conv = service.new_conversation()
+    stream = service.respond(ANA, conv, "tell me about the weather", settings=LONG)
+    next(stream)
+    next(stream)
+    stream.close()  # the browser went away mid-reply
+    assert conv.turns[-1].role is Role.ASSISTANT and conv.turns[-1].interrupted
+    said(service, ANA, conv, "and tomorrow?")  # the conversation goes on
+    assert conv.turns[-1].role is Role.ASSISTANT and not conv.turns[-1].interrupted
+    assert store.load(ANA, conv.id) == conv
+
+
+def test_regenerate_replaces_only_the_last_reply(service, store):
+    conv = service.new_conversation()
+    said(service, ANA, conv, "hello cat")
+    said(service, ANA, conv, "tell me about the dog")
+    first_two = conv.turns[:3]
+    old_reply = conv.turns[3]
+    updates = list(service.regenerate(ANA, conv))
+    assert updates[0] == "" and conv.turns[:3] == first_two
+    assert len(conv.turns) == 4 and conv.turns[3].id != old_reply.id and conv.turns[3].role is Role.ASSISTANT
+    assert store.load(ANA, conv.id) == conv
+
+
+def test_undo_removes_the_last_exchange_and_an_emptied_conversation_is_dropped(service, store):
+    conv = service.new_conversation()
+    said(service, ANA, conv, "hello cat")
+    said(service, ANA, conv, "tell me about the dog")
+    assert service.undo(ANA, conv)
+    assert [t.text for t in conv.turns if t.role is Role.USER] == ["hello cat"]
+    assert store.load(ANA, conv.id) == conv
+    assert service.undo(ANA, conv) and conv.turns == []
+    assert service.conversations(ANA) == []
+    assert not service.undo(ANA, conv)
+
+
+def test_edit_changes_a_past_message_and_continues_from_there(service, store):
+    conv = service.new_conversation()
+    said(service, ANA, conv, "hello cat")
+    said(service, ANA, conv, "tell me about the dog")
+    said(service, ANA, conv, "and the weather")
+    first = conv.turns[0]
+    updates = list(service.edit(ANA, conv, conv.turns[2].id, "tell me about the photo"))
+    assert updates[0] == ""
+    assert [t.text for t in conv.turns if t.role is Role.USER] == ["hello cat", "tell me about the photo"]
+    assert conv.turns[0] == first and len(conv.turns) == 4 and conv.turns[3].text == updates[-1].strip()
+    assert store.load(ANA, conv.id) == conv
+    with pytest.raises(UserFacingError):
+        list(service.edit(ANA, conv, conv.turns[3].id, "the model never said this"))
+
+
+def test_clear_empties_and_forgets_the_conversation(service):
+    conv = service.new_conversation()
+    said(service, ANA, conv, "hello cat")
+    service.clear(ANA, conv)
+    assert conv.turns == [] and service.conversations(ANA) == []
+    said(service, ANA, conv, "a fresh start")
+    assert [c.title for c in service.conversations(ANA)] == ["a fresh start"]
+
+
+def test_a_reply_finishing_after_its_question_was_undone_is_not_kept(service, store):
+    conv = service.new_conversation()
+    stream = service.respond(ANA, conv, "hello cat", settings=LONG)
+    next(stream)
+    next(stream)
+    service.undo(ANA, service.conversation(ANA, conv.id))  # e.g. from a second tab
+    list(stream)
+    assert service.conversations(ANA) == []
+
+
+def test_rename_and_delete(service):
+    conv = service.new_conversation()
+    said(service, ANA, conv, "hello cat")
+    service.rename(ANA, conv.id, "  My   cat  ")
+    assert service.open(ANA, conv.id).title == "My cat"
+    with pytest.raises(UserFacingError):
+        service.rename(ANA, conv.id, "   ")
+    assert service.delete(ANA, conv.id) and service.conversations(ANA) == []
+
+
+def test_a_reply_cut_off_by_a_crash_is_marked_interrupted_at_the_next_start(service, generator, store):
+    conv = service.new_conversation()
+    said(service, ANA, conv, "hello cat")
+    stream = service.respond(ANA, conv, "and the dog", settings=LONG)
+    next(stream)  # the question is stored; the process "dies" before the reply is
+    restarted = ChatService(service.encoder, generator, ConversationStore(store.data_dir))
+    stored = restarted.open(ANA, conv.id)
+    assert [t.role for t in stored.turns] == [Role.USER, Role.ASSISTANT] * 2
+    assert stored.turns[-1].interrupted and stored.turns[-1].text == ""
+    assert stored.turns[-2].text == "and the dog"
+    list(restarted.regenerate(ANA, stored))
+    assert not restarted.open(ANA, conv.id).turns[-1].interrupted

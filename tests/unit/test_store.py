@@ -1,0 +1,247 @@
+"""ConversationStore: SQLite in WAL mode, per-owner access, crash safety, export/import round trips."""
+
+import base64
+import hashlib
+import json
+import shutil
+import sqlite3
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from chatbot.conversation.store import ConversationNotFound, ConversationStore
+from chatbot.errors import UserFacingError
+from chatbot.state import (
+    Attachment,
+    AttachmentKind,
+    Conversation,
+    Observation,
+    Role,
+    Turn,
+)
+
+ANA, BEN = "key:ana", "key:ben"
+
+
+@pytest.fixture
+def store(tmp_path):
+    return ConversationStore(tmp_path / "data")
+
+
+def media_file(store: ConversationStore, content: bytes, suffix: str) -> Attachment:
+    """A file kept the way the encoder keeps it: media/<sha[:2]>/<sha><suffix>."""
+    sha = hashlib.sha256(content).hexdigest()
+    path = store.media_dir / sha[:2] / f"{sha}{suffix}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content)
+    kind = AttachmentKind.IMAGE if suffix == ".png" else AttachmentKind.AUDIO
+    return Attachment(kind=kind, path=str(path), sha256=sha, name=f"upload{suffix}")
+
+
+def sample(store: ConversationStore) -> Conversation:
+    conv = Conversation(system_prompt="Be brief. «ünïcode»")
+    photo, voice = media_file(store, b"\x89PNG fake photo", ".png"), media_file(store, b"RIFF fake wav", ".wav")
+    conv.add_user_turn(Turn(role=Role.USER, text="What does the sign say? 🙂", attachments=[photo],
+                            observations=[Observation("ocr", 'text in the photo: "OPEN"', photo.sha256, "ocr")]))
+    conv.add_assistant_turn("It says OPEN.")
+    conv.add_user_turn(Turn(role=Role.USER, attachments=[voice],
+                            observations=[Observation("transcript", "what is the capital of France",
+                                                      voice.sha256, "whisper")]))
+    conv.add_assistant_turn("Par", interrupted=True)
+    conv.turns.append(Turn(role=Role.ASSISTANT, text="a notice", notice=True))
+    return conv
+
+
+def test_database_uses_wal_foreign_keys_and_a_schema_version(store):
+    db = sqlite3.connect(store.path)
+    assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert db.execute("PRAGMA user_version").fetchone()[0] == 1
+    assert {"conversations", "turns", "attachments", "observations"} <= {
+        r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert store._db.execute("PRAGMA foreign_keys").fetchone()[0] == 1
+
+
+def test_save_and_load_round_trip_every_field(store):
+    conv = sample(store)
+    store.save(ANA, conv)
+    loaded = store.load(ANA, conv.id)
+    assert loaded == conv
+    assert loaded.to_json() == conv.to_json()
+    # Reopening the file (a restart) gives the same.
+    assert ConversationStore(store.data_dir).load(ANA, conv.id) == conv
+
+
+def test_attachment_paths_are_stored_relative_so_the_data_dir_can_move(store, tmp_path):
+    conv = sample(store)
+    store.save(ANA, conv)
+    stored = {r[0] for r in store._db.execute("SELECT path FROM attachments")}
+    assert all(p.startswith("media/") for p in stored)
+    store.close()
+    moved = shutil.move(store.data_dir, tmp_path / "moved")
+    loaded = ConversationStore(moved).load(ANA, conv.id)
+    assert all(a.path.startswith(str(moved)) and open(a.path, "rb").read() for a in loaded.attachments())
+
+
+def test_each_owner_sees_only_their_own(store):
+    conv = sample(store)
+    store.save(ANA, conv)
+    assert [c.id for c in store.list(ANA)] == [conv.id] and store.list(BEN) == []
+    assert store.list(ANA)[0].turns == 5 and store.list(ANA)[0].title == "What does the sign say? 🙂"
+    with pytest.raises(ConversationNotFound):
+        store.load(BEN, conv.id)
+    with pytest.raises(ConversationNotFound):
+        store.save(BEN, conv)  # cannot overwrite someone else's conversation by reusing its id
+    with pytest.raises(ConversationNotFound):
+        store.rename(BEN, conv.id, "x")
+    assert not store.delete(BEN, conv.id)
+    assert not store.append(BEN, conv.id, 5, [Turn(role=Role.USER, text="sneaky")])
+    assert store.load(ANA, conv.id) == conv
+
+
+def test_list_is_most_recent_first_and_rename_delete_work(store):
+    first, second = Conversation(title="first"), Conversation(title="second")
+    for conv in (first, second):
+        conv.add_user_turn(Turn(role=Role.USER, text=conv.title))
+        store.save(ANA, conv)
+    assert [c.title for c in store.list(ANA)] == ["second", "first"]
+    store.rename(ANA, first.id, "renamed")
+    assert [c.title for c in store.list(ANA)] == ["renamed", "second"]
+    assert store.delete(ANA, second.id) and [c.id for c in store.list(ANA)] == [first.id]
+    assert store._db.execute("SELECT count(*) FROM turns WHERE conversation_id = ?", (second.id,)).fetchone()[0] == 0
+
+
+def test_append_only_extends_an_unchanged_conversation(store):
+    conv = Conversation()
+    conv.add_user_turn(Turn(role=Role.USER, text="hi"))
+    store.save(ANA, conv)
+    reply = Turn(role=Role.ASSISTANT, text="hello")
+    assert not store.append(ANA, conv.id, 0, [reply])  # stale position: the conversation moved on
+    assert store.append(ANA, conv.id, 1, [reply])
+    assert store.load(ANA, conv.id).turns[-1] == reply
+    store.delete(ANA, conv.id)
+    assert not store.append(ANA, conv.id, 2, [reply])  # a deleted conversation does not come back
+
+
+def test_unanswered_user_turns_are_closed_as_interrupted(store):
+    answered, cut_off = sample(store), Conversation()
+    cut_off.add_user_turn(Turn(role=Role.USER, text="a question the server died on"))
+    store.save(ANA, answered)
+    store.save(ANA, cut_off)
+    assert store.close_unanswered() == 1
+    turns = store.load(ANA, cut_off.id).turns
+    assert [t.role for t in turns] == [Role.USER, Role.ASSISTANT] and turns[1].interrupted
+    assert store.load(ANA, answered.id) == answered
+    assert store.close_unanswered() == 0
+
+
+def test_concurrent_writers_from_many_threads(store):
+    def chat(n: int) -> None:
+        conv = Conversation()
+        for i in range(10):
+            conv.add_user_turn(Turn(role=Role.USER, text=f"owner {n} message {i}"))
+            store.save(f"key:{n}", conv)
+            conv.add_assistant_turn(f"reply {i}")
+            assert store.append(f"key:{n}", conv.id, len(conv.turns) - 1, conv.turns[-1:])
+
+    threads = [threading.Thread(target=chat, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for n in range(8):
+        [summary] = store.list(f"key:{n}")
+        texts = [t.text for t in store.load(f"key:{n}", summary.id).turns if t.role is Role.USER]
+        assert texts == [f"owner {n} message {i}" for i in range(10)]
+
+
+def test_a_writer_killed_mid_transaction_leaves_a_consistent_store(tmp_path):
+    """SIGKILL a process that rewrites a big conversation in a loop: the store keeps a whole version."""
+    data = tmp_path / "data"
+    script = f"""
+import sys
+from chatbot.state import Conversation, Role, Turn
+from chatbot.conversation.store import ConversationStore
+store = ConversationStore({str(data)!r})
+conv = Conversation(id="c1")
+for i in range(400):
+    conv.add_user_turn(Turn(role=Role.USER, text="question %d " % i * 20))
+    conv.add_assistant_turn("answer %d" % i)
+store.save("key:ana", conv)
+print("ready", flush=True)
+version = 0
+while True:
+    version += 1
+    for turn in conv.turns:
+        turn.text = "version %d" % version
+    store.save("key:ana", conv)
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, cwd=str(
+        __import__("pathlib").Path(__file__).resolve().parents[2]))
+    assert proc.stdout.readline().strip() == b"ready"
+    threading.Event().wait(1.5)  # let it commit (and be mid-way through) several rewrites
+    proc.kill()
+    proc.wait()
+    store = ConversationStore(data)
+    assert store._db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    turns = store.load("key:ana", "c1").turns
+    assert len(turns) == 800 and len({t.text for t in turns}) == 1  # one whole version, never a mix
+
+
+def test_export_then_import_is_exact(store, tmp_path):
+    conv = sample(store)
+    store.save(ANA, conv)
+    exported = store.export_json(ANA, conv.id)
+    document = json.loads(exported)
+    assert set(document["files"]) == {a.sha256 for a in conv.attachments()}
+    assert str(store.data_dir) not in exported  # no server paths leak into the file
+
+    elsewhere = ConversationStore(tmp_path / "elsewhere")  # another server: files come from the document
+    imported = elsewhere.import_json(BEN, exported)
+    assert imported.id == conv.id
+    assert elsewhere.export_json(BEN, imported.id) == exported
+    for a, b in zip(conv.attachments(), elsewhere.load(BEN, imported.id).attachments()):
+        assert open(a.path, "rb").read() == open(b.path, "rb").read()
+
+    store.delete(ANA, conv.id)  # same server, after deleting the original: identical again
+    again = store.import_json(ANA, exported)
+    assert store.export_json(ANA, again.id) == exported
+    twice = store.import_json(ANA, exported)  # the id is taken now: a copy with a new id
+    assert twice.id != conv.id
+    assert json.loads(store.export_json(ANA, twice.id))["conversation"] == {**document["conversation"], "id": twice.id}
+
+
+def test_export_by_reference_imports_on_the_same_server_only(store, tmp_path):
+    conv = sample(store)
+    store.save(ANA, conv)
+    exported = store.export_json(ANA, conv.id, include_files=False)
+    assert "files" not in json.loads(exported)
+    store.delete(ANA, conv.id)
+    assert store.export_json(ANA, store.import_json(ANA, exported).id, include_files=False) == exported
+    with pytest.raises(UserFacingError, match="not included"):
+        ConversationStore(tmp_path / "elsewhere").import_json(ANA, exported)
+
+
+def test_import_rejects_forged_files_and_paths(store):
+    conv = sample(store)
+    store.save(ANA, conv)
+    document = json.loads(store.export_json(ANA, conv.id))
+    sha = conv.attachments()[0].sha256
+    forged = json.loads(json.dumps(document))
+    forged["files"][sha] = base64.b64encode(b"other content").decode()
+    with pytest.raises(UserFacingError, match="checksum"):
+        store.import_json(BEN, json.dumps(forged))
+    sneaky = json.loads(json.dumps(document))
+    sneaky["conversation"]["turns"][0]["attachments"][0]["path"] = "../../etc/passwd"
+    sneaky["conversation"]["id"] = "another"
+    imported = store.import_json(BEN, json.dumps(sneaky))
+    assert all(a.path.startswith(str(store.media_dir)) for a in imported.attachments())
+    bad_hash = json.loads(json.dumps(document))
+    bad_hash["conversation"]["turns"][0]["attachments"][0]["sha256"] = "../x"
+    with pytest.raises(UserFacingError):
+        store.import_json(BEN, json.dumps(bad_hash))
+    for junk in ("not json", "{}", json.dumps({"format": "multimodal-chatbot/conversation", "version": 1,
+                                                "conversation": {"turns": [{"role": "wizard"}]}})):
+        with pytest.raises(UserFacingError):
+            store.import_json(BEN, junk)
