@@ -19,9 +19,11 @@ from enum import Enum
 DEFAULT_SYSTEM_PROMPT = (
     "You are a friendly, helpful assistant in a chat app. Users can type, attach photos and "
     "speak. You cannot see photos or hear audio directly: you get notes about each attachment "
-    "in square brackets (text read from a photo, what was detected in it, a transcript of "
-    "speech). Use those notes and everything said earlier in the conversation. When the user mentions a photo or "
-    "recording, find it in the bracketed notes of earlier messages and answer from them. Answer briefly."
+    "in square brackets (a transcript of speech; for a photo, what image models recognised in it "
+    "with how sure they were, text read in it, its colours). Use those notes and everything said earlier in the "
+    "conversation. When the user mentions a photo or recording, find it in the bracketed notes of earlier messages "
+    "and answer from them. Say only what the notes support; when they say the models could not tell what a photo "
+    "shows, tell the user you cannot tell what is in it. Answer briefly."
 )
 
 
@@ -43,10 +45,16 @@ class ObservationKind(str, Enum):
     LANGUAGE = "language"  # the language a recording was spoken in
     OCR = "ocr"  # text read in a photo
     CAPTION = "caption"  # a captioning / question-answering model's description
+    LABELS = "labels"  # what the whole picture shows (an image classifier), with its probability
+    OBJECTS = "objects"  # things found in the picture (an object detector), counted, with positions
     FACES = "faces"
     CATS = "cats"
     FACTS = "facts"  # size, colours, brightness, EXIF
 
+
+# Notes that say what a photo shows (the rest, size and colours, do not).
+_SEEN_IN_PHOTOS = {ObservationKind.LABELS, ObservationKind.OBJECTS, ObservationKind.CAPTION, ObservationKind.OCR,
+                   ObservationKind.FACES, ObservationKind.CATS}
 
 # What a user calls each kind of attachment; used for numbering ("Photo 2").
 _KIND_LABEL = {AttachmentKind.IMAGE: "Photo", AttachmentKind.AUDIO: "Recording"}
@@ -112,10 +120,14 @@ class Turn:
             spoken = " ".join(o.text for o in notes if o.kind is ObservationKind.TRANSCRIPT).strip()
             extra = "".join(f", {o.text}" for o in notes if o.kind is not ObservationKind.TRANSCRIPT)
             return f"[{attachment.label}: a voice message{extra}]\n" + (spoken or "(no recognisable speech)")
-        details = "; ".join(o.text for o in notes) or "no details could be extracted"
-        # Small models do not map "my first photo" to "Photo 1" by themselves.
+        details = "; ".join(o.text for o in notes)
+        if not any(o.kind in _SEEN_IN_PHOTOS for o in notes):
+            # Said outright, or a small model fills the gap from the colours (or invents).
+            details = "the image models could not tell what it shows" + (f"; only: {details}" if details else "")
+        # Small models do not map "my first photo" to "Photo 1" by themselves. The file name stays
+        # out: the model took "coffee.jpg" for what the photo shows.
         ordinal = _ordinal(attachment.label)
-        return f"[{attachment.label}, the user's {ordinal} photo ({attachment.name or 'image'}): {details}]"
+        return f"[{attachment.label}, the user's {ordinal} photo: {details}]"
 
     def model_text(self) -> str:
         """The turn as the decoder reads it: attachment notes, then what was typed.

@@ -59,7 +59,7 @@ class MultimodalEncoder:
         """A user turn for `text` and `files`; raises UserFacingError for input it cannot use."""
         turn = Turn(role=Role.USER, text=(text or "").strip())
         for file in files:
-            attachment, notes = self._encode_file(Path(file))
+            attachment, notes = self._encode_file(Path(file), turn.text)
             turn.attachments.append(attachment)
             turn.observations.extend(notes)
         if not turn.text and not turn.attachments:
@@ -67,7 +67,7 @@ class MultimodalEncoder:
         return turn
 
     # -- one file -------------------------------------------------------------------
-    def _encode_file(self, path: Path) -> tuple[Attachment, list[Observation]]:
+    def _encode_file(self, path: Path, question: str) -> tuple[Attachment, list[Observation]]:
         name = path.name
         if not path.is_file():
             raise UserFacingError(f"I couldn't find the uploaded file '{name}'. Please attach it again.")
@@ -83,8 +83,10 @@ class MultimodalEncoder:
             kind, notes = cached
         else:
             kind = self._kind_of(path)
-            notes = self._describe_image(path) if kind is AttachmentKind.IMAGE else self._transcribe(path)
+            notes = self._describe_image(path, once=True) if kind is AttachmentKind.IMAGE else self._transcribe(path)
             self._remember(sha, kind, notes)
+        if kind is AttachmentKind.IMAGE and any(a.wants_question for a in self.analyzers):
+            notes = notes + self._answers(path, sha, question)
         stored = self._keep_copy(path, sha)
         attachment = Attachment(kind=kind, path=str(stored), sha256=sha, name=name)
         return attachment, [replace(o, attachment=sha) for o in notes]
@@ -104,15 +106,28 @@ class MultimodalEncoder:
         # Unknown name: let the audio decoder sniff it; it says clearly if it is not audio either.
         return AttachmentKind.AUDIO
 
-    def _describe_image(self, path: Path) -> list[Observation]:
+    def _answers(self, path: Path, sha: str, question: str) -> list[Observation]:
+        """What the question-answering analysers say about this photo and these words (cached per pair)."""
+        key = f"{sha}\n{question}"
+        cached = self._cached(key)
+        if cached:
+            return cached[1]
+        notes = self._describe_image(path, once=False, question=question)
+        self._remember(key, AttachmentKind.IMAGE, notes)
+        return notes
+
+    def _describe_image(self, path: Path, *, once: bool, question: str = "") -> list[Observation]:
+        """Notes from the analysers that describe a photo `once`, or else from those that answer `question`."""
         from chatbot.perception.images import load_image
 
         image = load_image(path, max_bytes=int(self.limits.max_image_mb * 2**20),
                            max_pixels=int(self.limits.max_image_megapixels * 1e6))
         notes: list[Observation] = []
         for analyzer in self.analyzers:
+            if analyzer.wants_question == once:
+                continue
             try:
-                notes.extend(analyzer.analyze(image))
+                notes.extend(analyzer.analyze(image, question))
             except Exception:  # noqa: BLE001 - one failing analyzer must not lose the photo
                 log.exception("Image analyzer %s failed on %s", analyzer.name, path.name)
         return notes

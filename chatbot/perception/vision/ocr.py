@@ -70,7 +70,7 @@ class TextReader(ImageAnalyzer):
         letters = sum(ch.isalnum() for ch in text)
         return letters > 0 and score >= (self._min_score if letters >= 3 else max(self._min_score, 0.9))
 
-    def analyze(self, img: LoadedImage) -> list[Observation]:
+    def analyze(self, img: LoadedImage, question: str = "") -> list[Observation]:
         lines = self.read_lines(img)
         if not lines:
             return []
