@@ -122,8 +122,9 @@ class Turn:
             return f"[{attachment.label}: a voice message{extra}]\n" + (spoken or "(no recognisable speech)")
         details = "; ".join(o.text for o in notes)
         if not any(o.kind in _SEEN_IN_PHOTOS for o in notes):
-            # Said outright, or a small model fills the gap from the colours (or invents).
-            details = "the image models could not tell what it shows" + (f"; only: {details}" if details else "")
+            # Said outright and alone: given the size and colours, a small model describes those
+            # ("a bright, mostly white landscape") as if they were the answer.
+            details = "the image models could not tell what it shows"
         # Small models do not map "my first photo" to "Photo 1" by themselves. The file name stays
         # out: the model took "coffee.jpg" for what the photo shows.
         ordinal = _ordinal(attachment.label)
