@@ -181,3 +181,13 @@ def _fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def private_dir(folder: str | Path, *, clean: bool = False) -> Path:
+    """A folder only this user can enter (0700), optionally emptied first (a temp dir from a past run)."""
+    folder = Path(folder)
+    if clean:
+        shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(folder, 0o700)
+    return folder
