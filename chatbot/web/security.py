@@ -25,7 +25,7 @@ _SERVED_FILE = re.compile(r"/file=")
 _PROXY = re.compile(r"/proxy=")
 _URL = re.compile(r"\s*(?:[A-Za-z][A-Za-z0-9+.-]*:|[/\\]{2})")  # scheme: or //host
 _INLINE_TYPES = (b"image/", b"audio/")
-MAX_JSON_BODY = 16 * 2**20
+MAX_JSON_BODY = 64 * 2**20  # JSON requests are read whole to look for file URLs: bounded
 
 Scope = dict
 Receive = Callable[[], Awaitable[dict]]
