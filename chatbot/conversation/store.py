@@ -16,7 +16,6 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import logging
 import math
 import os
 import sqlite3
@@ -38,8 +37,6 @@ from chatbot.state import (
     Role,
     Turn,
 )
-
-log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 EXPORT_FORMAT = "multimodal-chatbot/conversation"
@@ -233,11 +230,6 @@ class ConversationStore:
                                                   source=o["source"]) for o in observations.get(t["key"], [])])
                    for t in turns])
 
-    def exists(self, conv_id: str) -> bool:
-        """Whether any owner has a conversation with this id."""
-        with self._lock:
-            return self._db.execute("SELECT 1 FROM conversations WHERE id = ?", (conv_id,)).fetchone() is not None
-
     def list(self, owner: str) -> list[ConversationSummary]:
         """The owner's conversations, most recently changed first."""
         with self._lock:
@@ -318,8 +310,11 @@ class ConversationStore:
             for attachment in conv.attachments(None):
                 fmt, content = contents[attachment.sha256]
                 attachment.kind = fmt.kind  # what the content is, not what the document claims
+                if isinstance(content, Path):  # by reference: the owner's own copy
+                    attachment.path = str(content)
+                    continue
                 target = media.media_path(self.media_dir, attachment.sha256, fmt)
-                if isinstance(content, bytes) and not target.exists():
+                if not target.exists():
                     media.write_bytes(target, content)
                     written.add(attachment.sha256)
                 attachment.path = str(target)

@@ -17,7 +17,7 @@ def test_first_start_from_empty_caches_serves_and_answers(tmp_path):
     env = {"CHATBOT_CACHE_DIR": str(cache / "chatbot"), "XDG_CACHE_HOME": str(cache / "xdg"),
            "HF_HOME": str(cache / "hf")}
     began = time.monotonic()
-    with AppServer(tmp_path / "data", env=env, startup_timeout=1500) as server:
+    with AppServer(tmp_path / "data", env=env, startup_timeout=850) as server:
         first_start = time.monotonic() - began
         # Everything the bundled models need was built from the installed packages, here and now.
         assert (cache / "chatbot" / "qwen2.5-coder-0.5b-instruct.gguf").stat().st_size > 400e6
