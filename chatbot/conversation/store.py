@@ -347,7 +347,7 @@ class ConversationStore:
                 raise UserFacingError(f"The attachment '{name}' does not match its checksum.")
             fmt = media.sniff_bytes(content)
         if fmt is None:
-            raise UserFacingError(f"The attachment '{name}' is not a photo or recording this app accepts.")
+            raise UserFacingError(f"The attachment '{name}' is not an image or recording this app accepts.")
         return fmt, content
 
     def _owned_file(self, owner: str, sha: str) -> Path | None:

@@ -27,8 +27,8 @@ from chatbot.state import (
 
 log = logging.getLogger(__name__)
 
-NOT_MEDIA = ("'{name}' is not a photo or recording I can read. Please send a JPEG, PNG, WebP, GIF, BMP or "
-             "TIFF photo, or WAV, MP3, OGG/Opus, WebM, M4A/AAC or FLAC audio.")
+NOT_MEDIA = ("'{name}' is not an image or recording I can read. Please send a photo (JPEG, PNG, WebP, GIF, BMP "
+             "or TIFF) or a recording (WAV, MP3, OGG/Opus, WebM, M4A/AAC or FLAC).")
 
 
 @dataclass
