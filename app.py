@@ -5,12 +5,19 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import tempfile
 
+from chatbot import media
 from chatbot.config import NO_MODEL, Config, parse_args
 
 
 def configure_environment(config: Config) -> None:
-    """No calls home: set before gradio/transformers are imported, which read these once."""
+    """Private files, no calls home: set before gradio/transformers are imported, which read these once."""
+    os.umask(0o077)  # everything this process writes (database, media, uploads, exports) is the user's alone
+    # Uploads and exports go to a private temp dir under the data dir (not a shared /tmp), emptied at start.
+    temp = media.private_dir(config.data_dir / "tmp", clean=True)
+    os.environ["GRADIO_TEMP_DIR"] = str(media.private_dir(temp / "gradio"))
+    tempfile.tempdir = str(temp)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     if not config.hub_models():
@@ -33,6 +40,8 @@ def build_service(config: Config):
         torch.set_num_threads(config.threads)
     store = ConversationStore(config.data_dir)  # first: a bad data dir fails before minutes of model loading
     log = logging.getLogger("app")
+    if removed := store.collect_garbage():
+        log.info("Removed %d media file(s) no conversation refers to", removed)
     log.info("Loading the text model '%s' (the first start prepares the bundled weights, about a minute)...",
              config.text_model)
     generator = load_generator(config)
@@ -53,7 +62,13 @@ def build_service(config: Config):
 
 def main(argv: list[str] | None = None) -> int:
     config = parse_args(argv)
-    configure_environment(config)
+    try:
+        media.private_dir(config.data_dir)
+        configure_environment(config)
+    except OSError as error:
+        print(f"\nCannot start: the data directory {config.data_dir} is not usable ({error.strerror}).",
+              file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's own start-up probes
     from chatbot.errors import UserFacingError
@@ -65,14 +80,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     from chatbot.conversation.owners import persistent_secret
+    from chatbot.web import security
     from chatbot.web.page import build_ui
 
     # The secret that encrypts each browser's owner key must outlive restarts, or browsers lose their lists.
     demo = build_ui(service, persistent_secret(config.data_dir / "browser-secret"), config.concurrency)
     demo.queue(default_concurrency_limit=1)
     # Only the media folder is served (files named by their SHA-256); the database is not.
+    # The hardening middleware wraps every route: safe file headers, no URL fetching, login throttling.
     demo.launch(server_name=config.host, server_port=config.port, allowed_paths=[str(service.store.media_dir)],
-                auth=config.auth, show_error=False)
+                auth=config.auth, show_error=False, app_kwargs={"middleware": security.middleware()})
     return 0
 
 

@@ -53,6 +53,18 @@ def _user_password(value: str) -> tuple[str, str]:
     return user, password
 
 
+AUTH_ENV = "CHATBOT_AUTH"
+
+
+def _read_auth_file(value: str) -> list[tuple[str, str]]:
+    """USER:PASSWORD lines (blank lines and # comments skipped): passwords stay out of `ps`."""
+    try:
+        lines = Path(value).read_text(encoding="utf-8").splitlines()
+    except OSError as error:
+        raise argparse.ArgumentTypeError(f"cannot read {value}: {error.strerror}") from None
+    return [_user_password(line.strip()) for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
 def parse_args(argv: list[str] | None = None) -> Config:
     d = Config()
     p = argparse.ArgumentParser(
@@ -66,7 +78,11 @@ def parse_args(argv: list[str] | None = None) -> Config:
                      help="where conversations (an SQLite database) and their attachments are kept")
     net.add_argument("--auth", action="append", type=_user_password, metavar="USER:PASSWORD",
                      help="require signing in (repeat for more users); each user then sees only their own "
-                          "conversations, on any browser. Use it whenever the server is reachable beyond localhost")
+                          "conversations, on any browser. Use it whenever the server is reachable beyond localhost. "
+                          "Visible to other local users in `ps`: prefer --auth-file or the "
+                          f"{AUTH_ENV} environment variable (USER:PASSWORD, several separated by spaces)")
+    net.add_argument("--auth-file", type=_read_auth_file, metavar="FILE",
+                     help="sign-in users from a file of USER:PASSWORD lines (keep it readable by you only)")
     net.add_argument("--concurrency", type=int, default=d.concurrency,
                      help="replies generated at the same time; further requests wait in a queue and see their place")
     models = p.add_argument_group("models")
@@ -99,4 +115,10 @@ def parse_args(argv: list[str] | None = None) -> Config:
     if args.concurrency < 1:
         p.error("--concurrency must be at least 1")
     caption = None if args.caption_model in (None, NO_MODEL) else args.caption_model
-    return Config(**{**vars(args), "caption_model": caption})
+    try:
+        from_env = [_user_password(v) for v in os.environ.get(AUTH_ENV, "").split()]
+    except argparse.ArgumentTypeError as error:
+        p.error(f"{AUTH_ENV}: {error}")
+    auth = (args.auth or []) + (args.auth_file or []) + from_env
+    settings = {k: v for k, v in vars(args).items() if k != "auth_file"}
+    return Config(**{**settings, "caption_model": caption, "auth": auth or None})

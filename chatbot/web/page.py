@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
 import tempfile
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from chatbot.conversation.owners import (
 from chatbot.conversation.service import ChatService
 from chatbot.errors import UserFacingError
 from chatbot.state import AttachmentKind, Conversation, ObservationKind, Role, Turn
+from chatbot.web.security import Throttle
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
 OWNER_STORAGE_KEY = "multimodal-chatbot-owner"
@@ -63,6 +65,22 @@ def chat_messages(conv: Conversation, reply: str | None = None) -> list[dict]:
     return messages
 
 
+def _discard_uploads(files: list[str]) -> None:
+    """Remove uploads from Gradio's temp dir once the app is done with them (kept files are in media/)."""
+    uploads = Path(os.environ.get("GRADIO_TEMP_DIR") or Path(tempfile.gettempdir()) / "gradio").resolve()
+    for file in files:
+        path = Path(file).resolve()
+        if path.is_relative_to(uploads) and path != uploads:
+            path.unlink(missing_ok=True)
+            if path.parent != uploads and not any(path.parent.iterdir()):
+                path.parent.rmdir()
+
+
+def _refused(conv: Conversation) -> bool:
+    """Whether the last message sent was refused (it became a pair of notice turns)."""
+    return len(conv.turns) >= 2 and conv.turns[-2].role is Role.USER and conv.turns[-2].notice
+
+
 def _shown_errors(fn):
     """UserFacingError → gr.Error, so the person sees the reason (Gradio hides other errors)."""
     if inspect.isgeneratorfunction(fn):
@@ -86,6 +104,7 @@ def _shown_errors(fn):
 def build_ui(service: ChatService, browser_secret: str, concurrency_limit: int = 1) -> gr.Blocks:
     """`browser_secret` encrypts the owner key in browsers; keep it across restarts or lists are lost."""
     exports = tempfile.TemporaryDirectory(prefix="chatbot-exports-")  # removed when the app exits
+    key_throttle = Throttle()  # owner keys are unguessable; still, make guessing slow
 
     def owner_of(session: ChatSession, request: gr.Request) -> str:
         # Browsers get their owner at page load; an API client is its Gradio session unless it chose a key.
@@ -123,7 +142,11 @@ def build_ui(service: ChatService, browser_secret: str, concurrency_limit: int =
         owner, conv = opened(session, request)
         text = (message or {}).get("text") or ""
         files = [f if isinstance(f, str) else f["path"] for f in (message or {}).get("files") or []]
-        yield from streamed(owner, conv, service.respond(owner, conv, text, files))
+        try:
+            yield from streamed(owner, conv, service.respond(owner, conv, text, files))
+        finally:
+            if _refused(conv):  # a refused upload must not linger on disk
+                _discard_uploads(files)
 
     @_shown_errors
     def regenerate(session: ChatSession, request: gr.Request):
@@ -170,8 +193,15 @@ def build_ui(service: ChatService, browser_secret: str, concurrency_limit: int =
 
     @_shown_errors
     def use_key(key: str, request: gr.Request):
+        client = request.client.host if request.client else "unknown"
+        wait = key_throttle.wait(client)
+        if wait > 0:
+            raise UserFacingError(f"Too many keys tried from here; try again in {wait:.0f} s.")
         session = ChatSession(owner=resolve_owner(user=request.username, key=key))
-        return session, list_conversations(session, request)
+        listed = list_conversations(session, request)
+        # A key with no conversations counts as a guess (a brand-new key is too, harmlessly).
+        (key_throttle.succeeded if listed else key_throttle.failed)(client)
+        return session, listed
 
     def list_conversations(session: ChatSession, request: gr.Request) -> list[dict]:
         return [{"id": c.id, "title": c.title, "turns": c.turns, "created": c.created, "updated": c.updated}
@@ -202,7 +232,13 @@ def build_ui(service: ChatService, browser_secret: str, concurrency_limit: int =
         if not file:
             raise UserFacingError("Choose an exported conversation (.json) to import.")
         owner = owner_of(session, request)
-        conv = service.import_json(owner, Path(file).read_text(encoding="utf-8"))
+        try:
+            text = Path(file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            raise UserFacingError("That file is not a conversation exported from this app.") from None
+        finally:
+            _discard_uploads([file])  # its content is in the database now (or refused)
+        conv = service.import_json(owner, text)
         return chat_messages(conv), ChatSession(owner, conv.id)
 
     with gr.Blocks(title="Multimodal Chatbot") as demo:

@@ -25,8 +25,9 @@ def free_port() -> int:
 
 class AppServer:
     def __init__(self, data_dir: Path, *extra_args: str, settings: tuple[str, ...] = tuple(TEST_ARGS),
-                 startup_timeout: float = 600):
+                 startup_timeout: float = 600, env: dict[str, str] | None = None):
         self.data_dir = data_dir
+        self.extra_env = env or {}
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
         self.args = [sys.executable, str(ROOT / "app.py"), "--port", str(self.port), "--data-dir", str(data_dir),
@@ -36,7 +37,7 @@ class AppServer:
         self.process: subprocess.Popen | None = None
 
     def start(self) -> AppServer:
-        env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1", **self.extra_env}
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.log = open(self.log_path, "ab")
         self.process = subprocess.Popen(self.args, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)
