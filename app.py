@@ -23,7 +23,7 @@ def build_service(config: Config):
     from chatbot.conversation.service import ChatService
     from chatbot.conversation.store import ConversationStore
     from chatbot.generation.base import GenerationSettings, load_generator
-    from chatbot.perception.encoder import MultimodalEncoder
+    from chatbot.perception.encoder import Limits, MultimodalEncoder
     from chatbot.perception.speech import load_recognizer
     from chatbot.perception.vision import load_analyzers
 
@@ -42,7 +42,9 @@ def build_service(config: Config):
         recognizer = load_recognizer(config.speech_model, config.speech_language)
     log.info("Loading the image analyzers...")
     analyzers = load_analyzers(config.caption_model)
-    encoder = MultimodalEncoder(store.media_dir, recognizer, analyzers)
+    limits = Limits(max_message_chars=config.max_message_chars, max_files=config.max_files,
+                    max_file_mb=config.max_upload_mb)
+    encoder = MultimodalEncoder(store.media_dir, recognizer, analyzers, limits)
     settings = GenerationSettings(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
                                   top_p=config.top_p, repetition_penalty=config.repetition_penalty)
     service = ChatService(encoder, generator, store, settings, system_prompt=config.system_prompt)
@@ -72,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.queue(default_concurrency_limit=1)
     # Only the media folder is served (files named by their SHA-256); the database is not.
     demo.launch(server_name=config.host, server_port=config.port, allowed_paths=[str(service.store.media_dir)],
-                auth=config.auth, show_error=False)
+                auth=config.auth, show_error=False, max_file_size=int(config.max_upload_mb * 2**20))
     return 0
 
 
