@@ -13,6 +13,7 @@ def configure_environment(config: Config) -> None:
     """No calls home: set before gradio/transformers are imported, which read these once."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ["ORT_DISABLE_TELEMETRY"] = "1"  # onnxruntime's uploader (see chatbot/perception/onnx.py)
     if not config.hub_models():
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if config.threads:
