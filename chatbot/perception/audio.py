@@ -112,6 +112,8 @@ def _decode(path: Path, max_seconds: float) -> torch.Tensor:
             if not container.streams.audio:
                 raise UserFacingError("This file has no sound in it.")
             stream = container.streams.audio[0]
+            if stream.codec_context is None:  # a codec FFmpeg does not know (found by fuzzing)
+                raise _damaged()
             if stream.codec_context.sample_rate:  # 0 when the header does not say; frames are checked below
                 _check_rate(stream.codec_context.sample_rate)
             if container.duration is not None:  # cheap: from the header, before decoding anything

@@ -98,7 +98,7 @@ def test_stop_frees_the_cpu_within_a_second_while_a_48kb_message_is_read(server)
     reading = cpu_rate(server.pid, 1.0)
     assert reading > 0.5, "the model should keep at least half a core busy while it reads the prompt"
     chat = job.outputs()[-1][0] if job.outputs() else []
-    assert not chat or not text_of(chat[-1]).strip(), "the reply started: the prompt was read too fast to test"
+    assert all(m["role"] == "user" for m in chat), "the reply started: the prompt was read too fast to test"
     stopped_at = time.monotonic()
     client.predict(api_name="/stop")
     time.sleep(max(0.0, 1.0 - (time.monotonic() - stopped_at)))
