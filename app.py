@@ -20,6 +20,7 @@ def configure_environment(config: Config) -> None:
     tempfile.tempdir = str(temp)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ["ORT_DISABLE_TELEMETRY"] = "1"  # onnxruntime's uploader (see chatbot/perception/onnx.py)
     if not config.hub_models():
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if config.threads:
@@ -30,7 +31,7 @@ def build_service(config: Config):
     from chatbot.conversation.service import ChatService
     from chatbot.conversation.store import ConversationStore
     from chatbot.generation.base import GenerationSettings, load_generator
-    from chatbot.perception.encoder import MultimodalEncoder
+    from chatbot.perception.encoder import Limits, MultimodalEncoder
     from chatbot.perception.speech import load_recognizer
     from chatbot.perception.vision import load_analyzers
 
@@ -51,7 +52,9 @@ def build_service(config: Config):
         recognizer = load_recognizer(config.speech_model, config.speech_language)
     log.info("Loading the image analyzers...")
     analyzers = load_analyzers(config.caption_model)
-    encoder = MultimodalEncoder(store.media_dir, recognizer, analyzers)
+    limits = Limits(max_message_chars=config.max_message_chars, max_files=config.max_files,
+                    max_file_mb=config.max_upload_mb)
+    encoder = MultimodalEncoder(store.media_dir, recognizer, analyzers, limits)
     settings = GenerationSettings(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
                                   top_p=config.top_p, repetition_penalty=config.repetition_penalty)
     service = ChatService(encoder, generator, store, settings, system_prompt=config.system_prompt)
@@ -89,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
     # Only the media folder is served (files named by their SHA-256); the database is not.
     # The hardening middleware wraps every route: safe file headers, no URL fetching, login throttling.
     demo.launch(server_name=config.host, server_port=config.port, allowed_paths=[str(service.store.media_dir)],
-                auth=config.auth, show_error=False, app_kwargs={"middleware": security.middleware()})
+                auth=config.auth, show_error=False, max_file_size=int(config.max_upload_mb * 2**20),
+                app_kwargs={"middleware": security.middleware()})
     return 0
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from chatbot import weights
 from chatbot.generation.base import BACKENDS
+from chatbot.perception.encoder import Limits
 
 NO_MODEL = "none"
 
@@ -38,6 +39,9 @@ class Config:
     system_prompt: str | None = None
     auth: list[tuple[str, str]] | None = None
     concurrency: int = 1
+    max_message_chars: int = Limits.max_message_chars
+    max_files: int = Limits.max_files
+    max_upload_mb: float = Limits.max_file_mb
 
     def hub_models(self) -> list[str]:
         """Model specs that are neither bundled nor local folders: loading them needs the hub."""
@@ -85,6 +89,12 @@ def parse_args(argv: list[str] | None = None) -> Config:
                      help="sign-in users from a file of USER:PASSWORD lines (keep it readable by you only)")
     net.add_argument("--concurrency", type=int, default=d.concurrency,
                      help="replies generated at the same time; further requests wait in a queue and see their place")
+    caps = p.add_argument_group("limits of one message (each holds the model while it is read)")
+    caps.add_argument("--max-message-chars", type=int, default=d.max_message_chars,
+                      help="longer messages are refused; the model reads at most its context of a long one")
+    caps.add_argument("--max-files", type=int, default=d.max_files, help="photos and recordings per message")
+    caps.add_argument("--max-upload-mb", type=float, default=d.max_upload_mb,
+                      help="size of one uploaded file (the web server refuses larger uploads)")
     models = p.add_argument_group("models")
     models.add_argument("--text-backend", default=d.text_backend, choices=sorted(BACKENDS),
                         help="what writes the replies: a model in this process (transformers)")
@@ -114,6 +124,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
     args = p.parse_args(argv)
     if args.concurrency < 1:
         p.error("--concurrency must be at least 1")
+    if min(args.max_message_chars, args.max_files, args.max_upload_mb) <= 0:
+        p.error("--max-message-chars, --max-files and --max-upload-mb must be positive")
     caption = None if args.caption_model in (None, NO_MODEL) else args.caption_model
     try:
         from_env = [_user_password(v) for v in os.environ.get(AUTH_ENV, "").split()]

@@ -198,7 +198,8 @@ class Conversation:
     def render(self, count_tokens: Callable[[str], int], budget: int) -> list[Message]:
         """Messages for the decoder whose total token count stays within `budget`.
 
-        The system prompt and the newest turn always stay. When the history is
+        The system prompt and the newest turn always stay; a newest turn longer
+        than the whole budget keeps its beginning and end. When the history is
         too long the oldest turns are dropped whole, and what they held is
         condensed into a note in the system message: every attachment's notes
         first (later turns often refer back to a photo or recording), then the
@@ -206,7 +207,13 @@ class Conversation:
         """
         turns, messages, cost, base = self._costed(count_tokens)
         first, note = self._window_start(turns, cost, base, budget, count_tokens)
-        return self._window(messages, first, note)
+        window = self._window(messages, first, note)
+        # The newest turn alone may be longer than the budget (a pasted document): keep what fits of it.
+        over = count_tokens(window[0].content) + _MESSAGE_OVERHEAD + sum(cost[first:]) - budget
+        if over > 0 and len(window) > 1:
+            newest = window[-1]
+            window[-1] = Message(newest.role, _clipped(newest.content, count_tokens, cost[-1] - _MESSAGE_OVERHEAD - over))
+        return window
 
     def render_ahead(self, count_tokens: Callable[[str], int], budget: int) -> list[Message] | None:
         """The history as `render` will give it once the window next moves, or None if that is not near.
@@ -313,6 +320,23 @@ def _enum_value(value):
 def _shorten(text: str, limit: int) -> str:
     text = " ".join(text.split())
     return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
+
+
+def _clipped(text: str, count_tokens: Callable[[str], int], room: int) -> str:
+    """`text` cut to at most `room` tokens, keeping its start and end (the request and the question
+    after a pasted text are usually there) around a note saying how much was left out."""
+    def cut(keep: int) -> str:
+        head, tail = text[: keep - keep // 2], text[len(text) - keep // 2:]
+        return f"{head}\n[… {len(text) - keep:,} characters left out: the message is longer than I can read …]\n{tail}"
+
+    low, high = 0, len(text)  # binary search for the most characters that fit
+    while low < high:
+        middle = (low + high + 1) // 2
+        if count_tokens(cut(middle)) <= room:
+            low = middle
+        else:
+            high = middle - 1
+    return cut(low)
 
 
 _ORDINALS = ["first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth", "ninth", "tenth"]

@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 SORRY = "Sorry, something went wrong on my side while answering. Your conversation is safe; please try again."
 MAX_TITLE_LENGTH = 120
+NOTICE_TEXT_CHARS, NOTICE_FILES, NOTICE_NAME_CHARS = 500, 5, 120  # how much of a refused message is kept
 
 
 @dataclass
@@ -235,8 +236,14 @@ class ChatService:
 
     @staticmethod
     def _notice(conv: Conversation, text: str, files, message: str) -> None:
-        names = [str(f).rsplit("/", 1)[-1] for f in files]
-        shown = "\n".join(filter(None, [(text or "").strip()] + [f"📎 {n}" for n in names]))
+        # What was sent, shortened: a refused 2 MB message or 200 files must not be stored whole.
+        names = [f"📎 {str(f).rsplit('/', 1)[-1][:NOTICE_NAME_CHARS]}" for f in files[:NOTICE_FILES]]
+        if len(files) > NOTICE_FILES:
+            names.append(f"📎 … and {len(files) - NOTICE_FILES} more")
+        text = (text or "").strip()
+        if len(text) > NOTICE_TEXT_CHARS:
+            text = text[:NOTICE_TEXT_CHARS].rstrip() + f" … ({len(text):,} characters in all)"
+        shown = "\n".join(filter(None, [text] + names))
         conv.title = conv.title or " ".join(shown.split())[:60]
         conv.turns.append(Turn(role=Role.USER, text=shown, notice=True))
         conv.turns.append(Turn(role=Role.ASSISTANT, text=message, notice=True))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -41,7 +41,9 @@ log = logging.getLogger(__name__)
 # OpenMP pool belongs to the calling thread, and a second pool competing for the cores cost a third
 # of the decoding speed on a 2-core machine (48 vs 34 tokens/s measured).
 _MODEL_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reply-model")
-PREFILL_CHUNK = 64  # tokens read ahead between checks for a reply waiting for the model thread
+# Prompts are read this many tokens at a time; between chunks a read-ahead gives way to a waiting
+# reply and a reply honours its stop (one chunk is a fraction of a second, however long the prompt).
+PREFILL_CHUNK = 64
 
 
 def wait_idle() -> None:
@@ -112,12 +114,24 @@ class TransformersGenerator(ABC):
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         failure: list[BaseException] = []
 
+        def stopped() -> bool:
+            return stop.is_set() or abandoned.is_set()
+
         def run() -> None:
             self._count_waiting(-1)
             try:
                 with self._lock, torch.inference_mode():
-                    if not stop.is_set():
-                        cache = self._reusable_cache(inputs["input_ids"][0])
+                    if not stopped():
+                        ids = inputs["input_ids"][0]
+                        cache = self._reusable_cache(ids)
+                        if cache is not None:
+                            # A long prompt is read chunk by chunk so a stop is honoured while it is read;
+                            # `generate` reads the last chunk and starts the reply from its logits.
+                            self._read(ids[:-PREFILL_CHUNK], cache, keep_going=lambda: not stopped())
+                            if stopped():
+                                if cache.get_seq_length():
+                                    self.prefix_cache.put(ids, cache)  # what was read serves the next try
+                                return
                         sequences = self.model.generate(
                             **inputs, **settings.generate_kwargs(), streamer=streamer,
                             stopping_criteria=StoppingCriteriaList([_StopOnEvent(stop, abandoned)]),
@@ -142,6 +156,14 @@ class TransformersGenerator(ABC):
             worker.result()
         if failure:
             raise failure[0]
+
+    def _read(self, ids: torch.Tensor, cache, keep_going: Callable[[], bool]) -> None:
+        """Extend `cache` over `ids` chunk by chunk while `keep_going()` (call under the lock, on the model thread)."""
+        done = cache.get_seq_length()
+        while done < len(ids) and keep_going():
+            chunk = ids[done:done + PREFILL_CHUNK]
+            self.model(input_ids=chunk[None], past_key_values=cache, use_cache=True, logits_to_keep=1)
+            done += len(chunk)
 
     def _reusable_cache(self, ids: torch.Tensor):
         """A KV cache already holding the longest known prefix of `ids` (or an empty one to fill)."""
@@ -168,12 +190,9 @@ class CausalChatGenerator(TransformersGenerator):
             if self.prefix_cache is None:
                 return
             cache = self._reusable_cache(ids)
-            start = done = cache.get_seq_length()
-            while done < len(ids) and not self._replies_waiting:
-                chunk = ids[done:done + PREFILL_CHUNK]
-                self.model(input_ids=chunk[None], past_key_values=cache, use_cache=True, logits_to_keep=1)
-                done += len(chunk)
-            if done > start:
+            start = cache.get_seq_length()
+            self._read(ids, cache, keep_going=lambda: not self._replies_waiting)
+            if cache.get_seq_length() > start:
                 self.prefix_cache.put(ids, cache)
 
     def encode_prompt(self, messages: list[Message]) -> dict[str, torch.Tensor]:

@@ -4,7 +4,10 @@ Decoding uses PyAV, which bundles its own FFmpeg, so no system FFmpeg is needed.
 The container format is chosen from the file's first bytes, never its name, and
 only from a short list of audio formats: a text file called `.wav` is refused
 and FFmpeg's playlist-style demuxers (which can open other files) never run.
-Everything after decoding (downmix, resampling, trimming, level) is torch/torchaudio.
+Each decoded frame goes through FFmpeg's resampler to 16 kHz mono float at once, so
+memory follows the length of the audio, never its declared sample rate (a rate
+with no common factor with 16 kHz made torchaudio build gigabyte filter banks).
+Everything after decoding (trimming, level) is torch.
 """
 
 from __future__ import annotations
@@ -15,7 +18,6 @@ from pathlib import Path
 
 import av
 import torch
-import torchaudio.functional as AF
 
 from chatbot.errors import UserFacingError
 from chatbot.media import sniff
@@ -35,6 +37,10 @@ TARGET_RMS_DB = -20.0  # typical level of normalised speech
 PEAK_LIMIT = 0.99  # normalisation never clips
 # Container durations of MP3/ADTS files are bitrate estimates; the decode loop is the hard bound.
 DURATION_ESTIMATE_SLACK = 1.1
+# Sample rates real recordings use lie between telephone (8 kHz, some old codecs 4 kHz) and studio (192 kHz).
+# Outside them a file is broken or built to hurt: at 1 Hz one packet would resample to hours of audio.
+MIN_RATE = 4_000
+MAX_RATE = 192_000
 
 
 @dataclass
@@ -46,12 +52,10 @@ class AudioClip:
 
 def load_audio(path: str | Path, *, max_seconds: float = 300.0) -> AudioClip:
     """Decode `path` and prepare it for speech recognition; bad input raises UserFacingError."""
-    samples, rate = _decode(Path(path), max_seconds)
-    duration = samples.numel() / rate
+    samples = _decode(Path(path), max_seconds)
+    duration = samples.numel() / SAMPLE_RATE
     if duration < MIN_SECONDS:
         raise UserFacingError(f"The recording is too short ({duration * 1000:.0f} ms) to contain any speech.")
-    if rate != SAMPLE_RATE:
-        samples = AF.resample(samples, rate, SAMPLE_RATE)
     samples = samples - samples.mean()  # DC offset from cheap microphones would skew every level below
     frame_db = _frame_levels_db(samples)
     if frame_db.max() < SILENT_DB:
@@ -67,8 +71,8 @@ def _sniff_format(path: Path) -> str | None:
     return fmt.demuxer if fmt is not None and fmt.kind is AttachmentKind.AUDIO else None
 
 
-def _decode(path: Path, max_seconds: float) -> tuple[torch.Tensor, int]:
-    """Mono float samples at the file's own rate, refusing anything longer than `max_seconds`."""
+def _decode(path: Path, max_seconds: float) -> torch.Tensor:
+    """Mono float samples at SAMPLE_RATE, refusing anything longer than `max_seconds`."""
     try:
         if path.stat().st_size == 0:
             raise UserFacingError("The audio file is empty.")
@@ -79,7 +83,6 @@ def _decode(path: Path, max_seconds: float) -> tuple[torch.Tensor, int]:
         raise UserFacingError(f"This file is not a recording I can read. Please send {SUPPORTED} audio.")
 
     chunks: list[torch.Tensor] = []
-    rate = 0
     decoded = 0.0
     good = bad = 0
     promised = 0.0  # seconds the container header announces, if it says
@@ -88,11 +91,16 @@ def _decode(path: Path, max_seconds: float) -> tuple[torch.Tensor, int]:
             if not container.streams.audio:
                 raise UserFacingError("This file has no sound in it.")
             stream = container.streams.audio[0]
+            if stream.codec_context is None:  # a codec FFmpeg does not know (found by fuzzing)
+                raise _damaged()
+            if stream.codec_context.sample_rate:  # 0 when the header does not say; frames are checked below
+                _check_rate(stream.codec_context.sample_rate)
             if container.duration is not None:  # cheap: from the header, before decoding anything
                 promised = container.duration / av.time_base
                 if promised > max_seconds * DURATION_ESTIMATE_SLACK:
                     raise _too_long(max_seconds, promised)
-            to_float = av.AudioResampler(format="fltp")  # any sample format -> float planar, same layout and rate
+            # Any sample format, layout and rate -> 16 kHz mono float, one frame at a time.
+            to_speech = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
             for packet in container.demux(stream):
                 try:
                     frames = packet.decode()
@@ -101,12 +109,11 @@ def _decode(path: Path, max_seconds: float) -> tuple[torch.Tensor, int]:
                     continue
                 good += 1
                 for frame in frames:
-                    for f in to_float.resample(frame):
-                        rate = rate or f.sample_rate
-                        chunks.append(torch.from_numpy(f.to_ndarray()).mean(dim=0))  # (channels, n) -> mono
-                        decoded += f.samples / f.sample_rate
+                    _check_rate(frame.sample_rate)  # streams may change rate midway
+                    decoded += _keep(to_speech.resample(frame), chunks)
                 if decoded > max_seconds:
                     raise _too_long(max_seconds, None)  # stop here: never decode hours of audio
+            decoded += _keep(to_speech.resample(None), chunks)  # what the resampler still holds
     except (av.FFmpegError, ValueError) as e:
         log.info("Could not decode %s as %s: %s", path, fmt, e)
         raise _damaged() from e
@@ -116,7 +123,21 @@ def _decode(path: Path, max_seconds: float) -> tuple[torch.Tensor, int]:
         raise _damaged()
     if not chunks:
         raise UserFacingError("The recording contains no sound.")
-    return torch.cat(chunks), rate
+    return torch.cat(chunks)
+
+
+def _keep(frames: list[av.AudioFrame], chunks: list[torch.Tensor]) -> float:
+    """Append the resampled frames' samples to `chunks`; the seconds they hold."""
+    for f in frames:
+        chunks.append(torch.from_numpy(f.to_ndarray()[0].copy()))  # packed mono: shape (1, n)
+    return sum(f.samples for f in frames) / SAMPLE_RATE
+
+
+def _check_rate(rate: int) -> None:
+    if not MIN_RATE <= rate <= MAX_RATE:
+        raise UserFacingError(f"This recording says it has {rate:,} samples per second, which no real "
+                              f"recording uses (they have {MIN_RATE // 1000}–{MAX_RATE // 1000} kHz). "
+                              "The file is probably damaged; please record or export it again.")
 
 
 def _damaged() -> UserFacingError:

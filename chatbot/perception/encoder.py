@@ -31,9 +31,12 @@ NOT_MEDIA = ("'{name}' is not an image or recording I can read. Please send a ph
              "or TIFF) or a recording (WAV, MP3, OGG/Opus, WebM, M4A/AAC or FLAC).")
 
 
-@dataclass
+@dataclass(frozen=True)
 class Limits:
-    max_file_mb: float = 50.0
+    # What one message may carry; each request holds the only model thread, so these bound its cost.
+    max_message_chars: int = 50_000  # a long pasted document; the model reads at most its context of it
+    max_files: int = 10
+    max_file_mb: float = 50.0  # also the upload limit the web server enforces
     max_image_mb: float = 20.0
     max_image_megapixels: float = 40.0
     max_audio_seconds: float = 300.0
@@ -54,7 +57,15 @@ class MultimodalEncoder:
 
     def encode(self, text: str, files: list[str | Path] = ()) -> Turn:
         """A user turn for `text` and `files`; raises UserFacingError for input it cannot use."""
-        turn = Turn(role=Role.USER, text=(text or "").strip())
+        text = (text or "").strip()
+        # Checked before any file is opened: refusing must cost nothing.
+        if len(text) > self.limits.max_message_chars:
+            raise UserFacingError(f"Your message is {len(text):,} characters long; messages can have at most "
+                                  f"{self.limits.max_message_chars:,}. Please send a shorter part of it.")
+        if len(files) > self.limits.max_files:
+            raise UserFacingError(f"You attached {len(files)} files; one message can carry at most "
+                                  f"{self.limits.max_files}. Please send them in smaller groups.")
+        turn = Turn(role=Role.USER, text=text)
         for file in files:
             attachment, notes = self._encode_file(Path(file), turn.text)
             turn.attachments.append(attachment)

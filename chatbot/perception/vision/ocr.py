@@ -46,6 +46,9 @@ class TextReader(ImageAnalyzer):
     def __init__(self, *, max_side: int = 1600, min_score: float = 0.6, max_chars: int = 600) -> None:
         from rapidocr_onnxruntime import RapidOCR
 
+        from chatbot.perception.onnx import onnxruntime
+
+        onnxruntime()  # telemetry off before RapidOCR creates its sessions
         self._engine = RapidOCR()
         self._max_side = max_side
         self._min_score = min_score  # below this RapidOCR mostly "reads" texture as random letters
