@@ -93,8 +93,8 @@ def wait_idle_after(*futures) -> float:
 def server_timings() -> dict:
     from gradio_client import Client, handle_file
 
-    from tests.e2e.test_photo_e2e import sign
-    from tests.support.server import AppServer
+    from harness.pictures import sign
+    from harness.server import AppServer
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

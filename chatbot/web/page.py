@@ -1,9 +1,16 @@
 """The Gradio chat page: a thin layer that shows the dialogue state and forwards input.
 
-Everything it does goes through `ChatService`. The page holds only a
-`ChatSession` per browser tab (whose conversations, which one is open) and, in
-the browser's local storage, a random owner key that brings the same
-conversation list back after a reload or a server restart.
+Everything it does goes through `ChatService`. `ChatPage` holds the service and
+one handler method per control; `build()` lays the page out from small methods
+(`sidebar_panel`, `chat_area`, `input_row`, `wire`) that a subclass can extend,
+e.g. to add voice controls beside the message box. Per browser tab the page
+keeps only a `ChatSession` (whose conversations, which one is open) and, in the
+browser's local storage, a random owner key that brings the same conversation
+list back after a reload or a server restart.
+
+Streamed updates are built from a copy of the chat taken when the user's turn is
+in, plus the reply so far; the final update is read back from the store, so the
+page never renders an object the service is still changing.
 """
 
 from __future__ import annotations
@@ -11,6 +18,8 @@ from __future__ import annotations
 import functools
 import inspect
 import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import gradio as gr
@@ -36,6 +45,7 @@ _EXAMPLES = [
 ]
 
 
+# -- the conversation as Chatbot messages ---------------------------------------------------
 def _turn_content(turn: Turn) -> list:
     """A turn as Gradio chat content: media first (thumbnails, players), then words."""
     parts: list = []
@@ -56,7 +66,7 @@ def shown_turns(conv: Conversation) -> list[Turn]:
 
 
 def chat_messages(conv: Conversation, reply: str | None = None) -> list[dict]:
-    """The conversation as Chatbot messages, plus the reply still being written, if any."""
+    """The conversation as Chatbot messages (new objects each call), plus the reply still being written."""
     messages = [{"role": t.role.value, "content": _turn_content(t)} for t in shown_turns(conv)]
     if reply:
         messages.append({"role": "assistant", "content": reply})
@@ -83,132 +93,169 @@ def _shown_errors(fn):
     return call
 
 
-def build_ui(service: ChatService, browser_secret: str, concurrency_limit: int = 1) -> gr.Blocks:
-    """`browser_secret` encrypts the owner key in browsers; keep it across restarts or lists are lost."""
-    exports = tempfile.TemporaryDirectory(prefix="chatbot-exports-")  # removed when the app exits
+def _message_parts(message: dict | None) -> tuple[str, list[str]]:
+    """Text and file paths of a MultimodalTextbox value (as the page or an API client sends it)."""
+    message = message or {}
+    files = [f if isinstance(f, str) else f["path"] for f in message.get("files") or []]
+    return message.get("text") or "", files
 
+
+@dataclass
+class Controls:
+    """The components handlers read and write; `build()` fills it, subclasses may add their own."""
+
+    session: gr.State
+    owner_key: gr.BrowserState
+    chatbot: gr.Chatbot
+    box: gr.MultimodalTextbox
+    conv_list: gr.Radio
+    title_box: gr.Textbox
+    new_btn: gr.Button
+    rename_btn: gr.Button
+    delete_btn: gr.Button
+    export_btn: gr.Button
+    import_btn: gr.UploadButton
+    export_file: gr.File
+
+
+class ChatPage:
+    """The chat page over one ChatService. Handlers are methods; `build()` returns the Gradio app."""
+
+    def __init__(self, service: ChatService, browser_secret: str, concurrency_limit: int = 1):
+        """`browser_secret` encrypts the owner key in browsers; keep it across restarts or lists are lost."""
+        self.service = service
+        self.browser_secret = browser_secret
+        self.concurrency_limit = concurrency_limit
+        self._exports = tempfile.TemporaryDirectory(prefix="chatbot-exports-")  # removed when the app exits
+
+    # -- who and where -------------------------------------------------------------------
+    @staticmethod
     def owner_of(session: ChatSession, request: gr.Request) -> str:
         # Browsers get their owner at page load; an API client is its Gradio session unless it chose a key.
         return session.owner or resolve_owner(user=request.username, session_hash=request.session_hash)
 
-    def opened(session: ChatSession, request: gr.Request) -> tuple[str, Conversation]:
-        owner = owner_of(session, request)
-        return owner, service.conversation(owner, session.conversation_id)
+    def opened(self, session: ChatSession, request: gr.Request) -> tuple[str, Conversation]:
+        owner = self.owner_of(session, request)
+        return owner, self.service.conversation(owner, session.conversation_id)
 
-    def conversation_choices(owner: str) -> list[tuple[str, str]]:
-        return [(c.title or "Untitled", c.id) for c in service.conversations(owner)]
+    def conversation_choices(self, owner: str) -> list[tuple[str, str]]:
+        return [(c.title or "Untitled", c.id) for c in self.service.conversations(owner)]
 
-    def sidebar(session: ChatSession, request: gr.Request):
-        owner, conv = opened(session, request)
-        choices = conversation_choices(owner)
+    def sidebar(self, session: ChatSession, request: gr.Request):
+        owner, conv = self.opened(session, request)
+        choices = self.conversation_choices(owner)
         current = conv.id if any(cid == conv.id for _, cid in choices) else None
         return gr.Radio(choices=choices, value=current), gr.Textbox(value=conv.title)
 
-    def on_load(key: str | None, request: gr.Request):
+    def on_load(self, key: str | None, request: gr.Request):
         if not isinstance(key, str) or len(key) < MIN_KEY_LENGTH:
             key = new_owner_key()
         session = ChatSession(owner=resolve_owner(user=request.username, key=key))
-        return session, key, gr.Radio(choices=conversation_choices(session.owner), value=None)
+        return session, key, gr.Radio(choices=self.conversation_choices(session.owner), value=None)
 
     # -- turns ----------------------------------------------------------------------------
-    def streamed(owner: str, conv: Conversation, replies):
+    def streamed(self, owner: str, conv: Conversation, replies: Iterable[str]) -> Iterator[tuple]:
+        """Chat updates for a streamed reply: (messages, message box, session)."""
         session = ChatSession(owner, conv.id)
         locked = gr.MultimodalTextbox(value=None, interactive=False)
+        shown: list[dict] | None = None
         for reply in replies:
-            yield chat_messages(conv, reply), locked, session
-        yield chat_messages(conv), gr.MultimodalTextbox(interactive=True), session
+            if shown is None:
+                shown = chat_messages(conv)  # the user's turn is in: a copy of the chat so far
+            yield [*shown, {"role": "assistant", "content": reply}] if reply else shown, locked, session
+        yield self.stored_messages(owner, conv.id), gr.MultimodalTextbox(interactive=True), session
+
+    def stored_messages(self, owner: str, conv_id: str | None) -> list[dict]:
+        return chat_messages(self.service.conversation(owner, conv_id))
 
     @_shown_errors
-    def respond(message: dict | None, session: ChatSession, request: gr.Request):
-        owner, conv = opened(session, request)
-        text = (message or {}).get("text") or ""
-        files = [f if isinstance(f, str) else f["path"] for f in (message or {}).get("files") or []]
-        yield from streamed(owner, conv, service.respond(owner, conv, text, files))
+    def respond(self, message: dict | None, session: ChatSession, request: gr.Request):
+        owner, conv = self.opened(session, request)
+        text, files = _message_parts(message)
+        yield from self.streamed(owner, conv, self.service.respond(owner, conv, text, files))
 
     @_shown_errors
-    def regenerate(session: ChatSession, request: gr.Request):
-        owner, conv = opened(session, request)
-        yield from streamed(owner, conv, service.regenerate(owner, conv))
+    def regenerate(self, session: ChatSession, request: gr.Request):
+        owner, conv = self.opened(session, request)
+        yield from self.streamed(owner, conv, self.service.regenerate(owner, conv))
 
     @_shown_errors
-    def edit(index: float | None, text: str, session: ChatSession, request: gr.Request):
-        owner, conv = opened(session, request)
+    def edit(self, index: float | None, text: str, session: ChatSession, request: gr.Request):
+        owner, conv = self.opened(session, request)
         turns = shown_turns(conv)
         position = int(index) if index is not None else -1
         if not 0 <= position < len(turns):
             raise UserFacingError("There is no such message to edit.")
-        yield from streamed(owner, conv, service.edit(owner, conv, turns[position].id, text))
+        yield from self.streamed(owner, conv, self.service.edit(owner, conv, turns[position].id, text))
 
-    def edit_in_chat(data: gr.EditData, session: ChatSession, request: gr.Request):
+    def edit_in_chat(self, data: gr.EditData, session: ChatSession, request: gr.Request):
         value = data.value if isinstance(data.value, str) else " ".join(
             p.get("text", "") for p in data.value if isinstance(p, dict))
-        yield from edit(data.index, value, session, request)
+        yield from self.edit(data.index, value, session, request)
 
-    def undo(session: ChatSession, request: gr.Request):
-        owner, conv = opened(session, request)
-        service.undo(owner, conv)
-        return chat_messages(conv), ChatSession(owner, conv.id)
+    def undo(self, session: ChatSession, request: gr.Request):
+        owner, conv = self.opened(session, request)
+        self.service.undo(owner, conv)
+        return self.stored_messages(owner, conv.id), ChatSession(owner, conv.id)
 
-    def clear(session: ChatSession, request: gr.Request):
-        owner, conv = opened(session, request)
-        service.clear(owner, conv)
+    def clear(self, session: ChatSession, request: gr.Request):
+        owner, conv = self.opened(session, request)
+        self.service.clear(owner, conv)
         return [], gr.MultimodalTextbox(interactive=True), ChatSession(owner, conv.id)
 
-    def stop(session: ChatSession, request: gr.Request) -> None:
-        service.stop(owner_of(session, request), session.conversation_id)
+    def stop(self, session: ChatSession, request: gr.Request) -> None:
+        self.service.stop(self.owner_of(session, request), session.conversation_id)
 
     # -- conversations ---------------------------------------------------------------------
-    def new_chat(session: ChatSession, request: gr.Request):
-        owner = owner_of(session, request)
+    def new_chat(self, session: ChatSession, request: gr.Request):
+        owner = self.owner_of(session, request)
         return [], gr.MultimodalTextbox(value=None, interactive=True), ChatSession(owner, None)
 
     @_shown_errors
-    def open_conversation(conv_id: str, session: ChatSession, request: gr.Request):
-        owner = owner_of(session, request)
-        conv = service.open(owner, conv_id or "")
+    def open_conversation(self, conv_id: str, session: ChatSession, request: gr.Request):
+        owner = self.owner_of(session, request)
+        conv = self.service.open(owner, conv_id or "")
         return chat_messages(conv), ChatSession(owner, conv.id)
 
     @_shown_errors
-    def use_key(key: str, request: gr.Request):
+    def use_key(self, key: str, request: gr.Request):
         session = ChatSession(owner=resolve_owner(user=request.username, key=key))
-        return session, list_conversations(session, request)
+        return session, self.list_conversations(session, request)
 
-    def list_conversations(session: ChatSession, request: gr.Request) -> list[dict]:
+    def list_conversations(self, session: ChatSession, request: gr.Request) -> list[dict]:
         return [{"id": c.id, "title": c.title, "turns": c.turns, "created": c.created, "updated": c.updated}
-                for c in service.conversations(owner_of(session, request))]
+                for c in self.service.conversations(self.owner_of(session, request))]
 
     @_shown_errors
-    def rename(title: str, session: ChatSession, request: gr.Request) -> None:
-        owner, conv = opened(session, request)
-        service.rename(owner, conv.id, title)
+    def rename(self, title: str, session: ChatSession, request: gr.Request) -> None:
+        owner, conv = self.opened(session, request)
+        self.service.rename(owner, conv.id, title)
 
-    def delete(session: ChatSession, request: gr.Request):
-        owner = owner_of(session, request)
+    def delete(self, session: ChatSession, request: gr.Request):
+        owner = self.owner_of(session, request)
         if session.conversation_id:
-            service.delete(owner, session.conversation_id)
-        return new_chat(session, request)
+            self.service.delete(owner, session.conversation_id)
+        return self.new_chat(session, request)
 
     @_shown_errors
-    def export(session: ChatSession, request: gr.Request) -> str:
-        owner, conv = opened(session, request)
+    def export(self, session: ChatSession, request: gr.Request) -> str:
+        owner, conv = self.opened(session, request)
         if not conv.turns:
             raise UserFacingError("This conversation is empty; there is nothing to export yet.")
-        path = Path(exports.name) / f"conversation-{conv.id}.json"
-        path.write_text(service.export_json(owner, conv.id), encoding="utf-8")
+        path = Path(self._exports.name) / f"conversation-{conv.id}.json"
+        path.write_text(self.service.export_json(owner, conv.id), encoding="utf-8")
         return str(path)
 
     @_shown_errors
-    def import_conversation(file: str | None, session: ChatSession, request: gr.Request):
+    def import_conversation(self, file: str | None, session: ChatSession, request: gr.Request):
         if not file:
             raise UserFacingError("Choose an exported conversation (.json) to import.")
-        owner = owner_of(session, request)
-        conv = service.import_json(owner, Path(file).read_text(encoding="utf-8"))
+        owner = self.owner_of(session, request)
+        conv = self.service.import_json(owner, Path(file).read_text(encoding="utf-8"))
         return chat_messages(conv), ChatSession(owner, conv.id)
 
-    with gr.Blocks(title="Multimodal Chatbot") as demo:
-        owner_key = gr.BrowserState(None, storage_key=OWNER_STORAGE_KEY, secret=browser_secret)
-        # Per browser tab; holds ids only, so ending a session just stops its running reply.
-        session = gr.State(ChatSession(), delete_callback=service.end_session)
+    # -- layout ---------------------------------------------------------------------------
+    def sidebar_panel(self) -> dict:
         with gr.Sidebar(label="Conversations", open=True):
             new_btn = gr.Button("New chat", variant="primary")
             conv_list = gr.Radio(label="Conversations", choices=[], elem_id="conversation-list")
@@ -220,14 +267,36 @@ def build_ui(service: ChatService, browser_secret: str, concurrency_limit: int =
                 export_btn = gr.Button("Export", size="sm")
                 import_btn = gr.UploadButton("Import", size="sm", file_types=[".json"], file_count="single")
             export_file = gr.File(label="Exported conversation", interactive=False)
+        return dict(new_btn=new_btn, conv_list=conv_list, title_box=title_box, rename_btn=rename_btn,
+                    delete_btn=delete_btn, export_btn=export_btn, import_btn=import_btn, export_file=export_file)
+
+    def chat_area(self) -> gr.Chatbot:
         gr.Markdown("### Multimodal Chatbot\nType, attach photos, or press the microphone and speak.")
-        chatbot = gr.Chatbot(label="Conversation", height=560, buttons=["copy"], editable="user",
-                             placeholder="Say hello, share a photo, or record a question.")
+        return gr.Chatbot(label="Conversation", height=560, buttons=["copy"], editable="user",
+                          placeholder="Say hello, share a photo, or record a question.")
+
+    def input_row(self) -> gr.MultimodalTextbox:
+        """The message box; override to put more controls (e.g. voice) beside it."""
         box = gr.MultimodalTextbox(
             sources=["upload", "microphone"], file_types=["image", "audio"], file_count="multiple",
             placeholder="Type a message, attach photos, or record your voice…", show_label=False,
             autofocus=True, stop_btn=True, elem_id="message-box")
         gr.Examples(examples=_EXAMPLES, inputs=box, label="Try")
+        return box
+
+    def build(self) -> gr.Blocks:
+        with gr.Blocks(title="Multimodal Chatbot") as demo:
+            owner_key = gr.BrowserState(None, storage_key=OWNER_STORAGE_KEY, secret=self.browser_secret)
+            # Per browser tab; holds ids only, so ending a session just stops its running reply.
+            session = gr.State(ChatSession(), delete_callback=self.service.end_session)
+            panel = self.sidebar_panel()
+            chatbot = self.chat_area()
+            box = self.input_row()
+            self.wire(demo, Controls(session=session, owner_key=owner_key, chatbot=chatbot, box=box, **panel))
+        return demo
+
+    def wire(self, demo: gr.Blocks, c: Controls) -> None:
+        """Connect controls to handlers; every API endpoint is named here."""
         # Inputs and outputs of API-only endpoints (no place on the page).
         with gr.Group(visible=False):
             api_text = gr.Textbox()
@@ -235,33 +304,39 @@ def build_ui(service: ChatService, browser_secret: str, concurrency_limit: int =
             api_json = gr.JSON()
             api_open, api_edit, api_key, api_list = (gr.Button() for _ in range(4))
 
-        refresh = dict(fn=sidebar, inputs=[session], outputs=[conv_list, title_box], api_visibility="private",
-                       queue=False)
+        session, chatbot, box = c.session, c.chatbot, c.box
+        turn_out = [chatbot, box, session]
+        refresh = dict(fn=self.sidebar, inputs=[session], outputs=[c.conv_list, c.title_box],
+                       api_visibility="private", queue=False)
         # Replies share one queue slot group: the model is one, and waiting users see their place.
-        reply = dict(concurrency_id="reply", concurrency_limit=concurrency_limit)
+        reply = dict(concurrency_id="reply", concurrency_limit=self.concurrency_limit)
         quick = dict(concurrency_limit=None)
 
-        demo.load(on_load, [owner_key], [session, owner_key, conv_list], api_visibility="private", queue=False)
-        box.submit(respond, [box, session], [chatbot, box, session], api_name="chat", **reply).then(**refresh)
-        box.stop(stop, [session], None, api_name="stop", queue=False)
-        chatbot.retry(regenerate, [session], [chatbot, box, session], api_name="retry", **reply).then(**refresh)
-        chatbot.undo(undo, [session], [chatbot, session], api_name="undo", **quick).then(**refresh)
-        chatbot.edit(edit_in_chat, [session], [chatbot, box, session], api_visibility="private",
-                     **reply).then(**refresh)
-        api_edit.click(edit, [api_index, api_text, session], [chatbot, box, session], api_name="edit",
-                       **reply).then(**refresh)
-        chatbot.clear(clear, [session], [chatbot, box, session], api_name="clear", **quick).then(**refresh)
-        new_btn.click(new_chat, [session], [chatbot, box, session], api_name="new_chat", queue=False).then(**refresh)
-        conv_list.input(open_conversation, [conv_list, session], [chatbot, session], api_visibility="private",
-                        **quick).then(**refresh)
-        api_open.click(open_conversation, [api_text, session], [chatbot, session], api_name="open",
+        demo.load(self.on_load, [c.owner_key], [session, c.owner_key, c.conv_list], api_visibility="private",
+                  queue=False)
+        box.submit(self.respond, [box, session], turn_out, api_name="chat", **reply).then(**refresh)
+        box.stop(self.stop, [session], None, api_name="stop", queue=False)
+        chatbot.retry(self.regenerate, [session], turn_out, api_name="retry", **reply).then(**refresh)
+        chatbot.undo(self.undo, [session], [chatbot, session], api_name="undo", **quick).then(**refresh)
+        chatbot.edit(self.edit_in_chat, [session], turn_out, api_visibility="private", **reply).then(**refresh)
+        api_edit.click(self.edit, [api_index, api_text, session], turn_out, api_name="edit", **reply).then(**refresh)
+        chatbot.clear(self.clear, [session], turn_out, api_name="clear", **quick).then(**refresh)
+        c.new_btn.click(self.new_chat, [session], turn_out, api_name="new_chat", queue=False).then(**refresh)
+        c.conv_list.input(self.open_conversation, [c.conv_list, session], [chatbot, session],
+                          api_visibility="private", **quick).then(**refresh)
+        api_open.click(self.open_conversation, [api_text, session], [chatbot, session], api_name="open",
                        **quick).then(**refresh)
-        api_key.click(use_key, [api_text], [session, api_json], api_name="use_key", queue=False)
-        api_list.click(list_conversations, [session], [api_json], api_name="conversations", queue=False)
-        rename_btn.click(rename, [title_box, session], None, api_name="rename", **quick).then(**refresh)
-        title_box.submit(rename, [title_box, session], None, api_visibility="private", **quick).then(**refresh)
-        delete_btn.click(delete, [session], [chatbot, box, session], api_name="delete", **quick).then(**refresh)
-        export_btn.click(export, [session], [export_file], api_name="export", **quick)
-        import_btn.upload(import_conversation, [import_btn, session], [chatbot, session], api_name="import",
-                          **quick).then(**refresh)
-    return demo
+        api_key.click(self.use_key, [api_text], [session, api_json], api_name="use_key", queue=False)
+        api_list.click(self.list_conversations, [session], [api_json], api_name="conversations", queue=False)
+        c.rename_btn.click(self.rename, [c.title_box, session], None, api_name="rename", **quick).then(**refresh)
+        c.title_box.submit(self.rename, [c.title_box, session], None, api_visibility="private",
+                           **quick).then(**refresh)
+        c.delete_btn.click(self.delete, [session], turn_out, api_name="delete", **quick).then(**refresh)
+        c.export_btn.click(self.export, [session], [c.export_file], api_name="export", **quick)
+        c.import_btn.upload(self.import_conversation, [c.import_btn, session], [chatbot, session], api_name="import",
+                            **quick).then(**refresh)
+
+
+def build_ui(service: ChatService, browser_secret: str, concurrency_limit: int = 1) -> gr.Blocks:
+    """The page for `service` (see ChatPage)."""
+    return ChatPage(service, browser_secret, concurrency_limit).build()

@@ -1,24 +1,30 @@
-"""ChatService: a turn end to end on a tiny model, bad input, stop, abandoned streams, chat controls,
-ownership and durability (every change is in the store when the call returns)."""
+"""ChatService: a turn end to end, bad input, stop, abandoned streams, chat controls, ownership and
+durability (every change is in the store when the call returns). Every test runs on each registered
+backend: a tiny transformers model and the model-free canned generator."""
 
 import pytest
 
+from chatbot.config import Config
 from chatbot.conversation.owners import resolve_owner
 from chatbot.conversation.service import ChatService
 from chatbot.conversation.store import ConversationNotFound, ConversationStore
 from chatbot.errors import UserFacingError
-from chatbot.generation.transformers_backend import GenerationSettings, load_generator
+from chatbot.generation.base import GenerationSettings, ReplyGenerator, load_generator
 from chatbot.perception.encoder import MultimodalEncoder
 from chatbot.state import Role
+from tests.support import canned  # noqa: F401 - registers the `canned` backend
 
 ANA, BEN = "key:ana", "key:ben"
 LONG = GenerationSettings(max_new_tokens=400, temperature=0)
 
 
-@pytest.fixture(scope="module")
-def generator(tiny_causal_dir):
-    gen = load_generator(str(tiny_causal_dir))
-    gen.model.generation_config.suppress_tokens = gen.tokenizer.all_special_ids  # replies run to the limit
+@pytest.fixture(scope="module", params=["transformers", "canned"])
+def generator(request, tiny_causal_dir):
+    """Chosen through the registry, as app.py chooses."""
+    gen = load_generator(Config(text_backend=request.param, text_model=str(tiny_causal_dir), quantize="none"))
+    assert isinstance(gen, ReplyGenerator)
+    if request.param == "transformers":
+        gen.model.generation_config.suppress_tokens = gen.tokenizer.all_special_ids  # replies run to the limit
     return gen
 
 
