@@ -26,8 +26,11 @@ from pathlib import Path
 from chatbot.errors import UserFacingError
 from chatbot.state import Attachment, Conversation, Observation, Role, Turn, new_id
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 EXPORT_FORMAT = "multimodal-chatbot/conversation"
+EXPORT_VERSIONS = (1, 2)  # version 1 exports lack `cut` (which defaults to false)
+# Steps from each older schema version to the next.
+_MIGRATIONS = {1: ["ALTER TABLE turns ADD COLUMN cut INTEGER NOT NULL DEFAULT 0"]}
 
 _SCHEMA = """
 CREATE TABLE conversations (
@@ -49,6 +52,7 @@ CREATE TABLE turns (
     created         REAL NOT NULL,
     interrupted     INTEGER NOT NULL DEFAULT 0,
     notice          INTEGER NOT NULL DEFAULT 0,
+    cut             INTEGER NOT NULL DEFAULT 0,
     UNIQUE (conversation_id, position)
 );
 CREATE TABLE attachments (
@@ -119,7 +123,12 @@ class ConversationStore:
                 for statement in filter(str.strip, _SCHEMA.split(";")):
                     self._db.execute(statement)
                 self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            elif version != SCHEMA_VERSION:
+            while version in _MIGRATIONS:
+                for statement in _MIGRATIONS[version]:
+                    self._db.execute(statement)
+                version += 1
+                self._db.execute(f"PRAGMA user_version = {version}")
+            if version not in (0, SCHEMA_VERSION):
                 raise UserFacingError(f"{self.path} has schema version {version}; this app reads version "
                                       f"{SCHEMA_VERSION}. Use a matching app version or another --data-dir.")
 
@@ -161,6 +170,24 @@ class ConversationStore:
             self._db.execute("UPDATE conversations SET updated = ? WHERE id = ?", (time.time(), conv_id))
             return True
 
+    def replace_last(self, owner: str, conv_id: str, position: int, turn: Turn) -> bool:
+        """Put `turn` (a continued reply) in place of the stored last turn if that is still `turn.id` at `position`.
+
+        False (nothing written) when the conversation changed meanwhile, as for `append`.
+        """
+        with self._transaction():
+            row = self._db.execute(
+                "SELECT t.id FROM turns t JOIN conversations c ON c.id = t.conversation_id"
+                " WHERE c.id = ? AND c.owner = ? AND t.position = ?"
+                " AND t.position = (SELECT max(position) FROM turns WHERE conversation_id = c.id)",
+                (conv_id, owner, position)).fetchone()
+            if row is None or row["id"] != turn.id:
+                return False
+            self._db.execute("DELETE FROM turns WHERE conversation_id = ? AND position = ?", (conv_id, position))
+            self._insert_turn(conv_id, position, turn)
+            self._db.execute("UPDATE conversations SET updated = ? WHERE id = ?", (time.time(), conv_id))
+            return True
+
     def load(self, owner: str, conv_id: str) -> Conversation:
         with self._lock:
             row = self._db.execute("SELECT * FROM conversations WHERE id = ? AND owner = ?",
@@ -175,7 +202,7 @@ class ConversationStore:
         return Conversation(
             id=row["id"], title=row["title"], system_prompt=row["system_prompt"], created=row["created"],
             turns=[Turn(role=Role(t["role"]), text=t["text"], id=t["id"], created=t["created"],
-                        interrupted=bool(t["interrupted"]), notice=bool(t["notice"]),
+                        interrupted=bool(t["interrupted"]), notice=bool(t["notice"]), cut=bool(t["cut"]),
                         attachments=[Attachment(kind=a["kind"], path=str(self.data_dir / a["path"]),
                                                 sha256=a["sha256"], name=a["name"], label=a["label"])
                                      for a in attachments.get(t["key"], [])],
@@ -252,7 +279,7 @@ class ConversationStore:
         """
         try:
             document = json.loads(text)
-            if document.get("format") != EXPORT_FORMAT or document.get("version") != SCHEMA_VERSION:
+            if document.get("format") != EXPORT_FORMAT or document.get("version") not in EXPORT_VERSIONS:
                 raise ValueError("not an exported conversation")
             data = document["conversation"]
             files = document.get("files") or {}
@@ -300,10 +327,10 @@ class ConversationStore:
 
     def _insert_turn(self, conv_id: str, position: int, turn: Turn) -> None:
         key = self._db.execute(
-            "INSERT INTO turns (conversation_id, position, id, role, text, created, interrupted, notice)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO turns (conversation_id, position, id, role, text, created, interrupted, notice, cut)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (conv_id, position, turn.id, turn.role.value, turn.text, turn.created, int(turn.interrupted),
-             int(turn.notice))).lastrowid
+             int(turn.notice), int(turn.cut))).lastrowid
         self._db.executemany(
             "INSERT INTO attachments (turn_key, position, kind, path, sha256, name, label) VALUES (?, ?, ?, ?, ?, ?, ?)",
             [(key, i, a.kind.value, self._relative(Path(a.path)), a.sha256, a.name, a.label)

@@ -5,17 +5,19 @@ page tests in milliseconds."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Generator
 from concurrent.futures import Future
 
-from chatbot.generation.base import GenerationSettings, done, prompt_budget, register
+from chatbot.generation.base import FinishReason, GenerationSettings, done, prompt_budget, register
 from chatbot.state import Message, Role
 
 WORDS = "thanks for your message about".split()
 
 
 class CannedGenerator:
-    """Each reply: a few fixed words, then the last user message's words over and over, one per token."""
+    """Each reply: a few fixed words, then the last user message's words, one word per token.
+
+    A trailing assistant message (a reply to continue) goes on from where it stopped."""
 
     name = "canned"
 
@@ -34,14 +36,16 @@ class CannedGenerator:
         return prompt_budget(self.context_tokens, settings)
 
     def stream(self, messages: list[Message], settings: GenerationSettings,
-               stop: threading.Event | None = None) -> Iterator[str]:
+               stop: threading.Event | None = None) -> Generator[str, None, FinishReason]:
         self.prompts.append(list(messages))
         asked = next((m.content.split() for m in reversed(messages) if m.role is Role.USER), []) or ["nothing"]
-        for i in range(settings.max_new_tokens):
+        reply = WORDS + asked
+        start = len(messages[-1].content.split()) if messages and messages[-1].role is Role.ASSISTANT else 0
+        for i, word in enumerate(reply[start:start + settings.max_new_tokens]):
             if stop is not None and stop.is_set():
-                return
-            word = WORDS[i] if i < len(WORDS) else asked[(i - len(WORDS)) % len(asked)]
-            yield word if i == 0 else " " + word
+                return FinishReason.STOP
+            yield word if i + start == 0 else " " + word
+        return FinishReason.LENGTH if len(reply) - start > settings.max_new_tokens else FinishReason.STOP
 
     def prefill(self, messages: list[Message]) -> Future:
         return done()
