@@ -11,7 +11,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 
 # Deterministic, short replies keep end-to-end tests quick and repeatable.
 TEST_ARGS = ["--temperature", "0", "--max-new-tokens", "48"]

@@ -16,6 +16,7 @@ page never renders an object the service is still changing.
 from __future__ import annotations
 
 import functools
+import html
 import inspect
 import tempfile
 from collections.abc import Iterable, Iterator
@@ -35,7 +36,14 @@ from chatbot.errors import UserFacingError
 from chatbot.state import AttachmentKind, Conversation, ObservationKind, Role, Turn
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
+STATIC = Path(__file__).resolve().parent / "static"
 OWNER_STORAGE_KEY = "multimodal-chatbot-owner"
+FINISHED = "Reply finished."
+# While a reply runs the box offers Stop in place of Send (the two also look different: static/page.css).
+_BUSY_BOX = dict(interactive=False, submit_btn=False, stop_btn=True)
+_IDLE_BOX = dict(interactive=True, submit_btn=True, stop_btn=False)
+# After a reply the cursor goes back to the message box, ready for the next message.
+_FOCUS_BOX = "() => { setTimeout(() => document.querySelector('#message-box textarea')?.focus(), 50); }"
 
 _EXAMPLES = [
     {"text": "Hi! My name is Ana and I love hiking. Can you suggest a short weekend plan?"},
@@ -55,6 +63,7 @@ def _turn_content(turn: Turn) -> list:
             spoken = " ".join(o.text for o in turn.notes_for(attachment) if o.kind is ObservationKind.TRANSCRIPT)
             parts.append(f"🎤 *{spoken}*" if spoken else "🎤 *(no words recognised)*")
     text = turn.text + ("\n\n*(stopped)*" if turn.interrupted else "")
+    text += "\n\n*(cut short at the length limit: press Continue for more)*" if turn.cut else ""
     if text.strip():
         parts.append(text)
     return parts
@@ -100,6 +109,19 @@ def _message_parts(message: dict | None) -> tuple[str, list[str]]:
     return message.get("text") or "", files
 
 
+def status_html(words: str, busy: bool = False) -> str:
+    """The reply status line; while busy the page's script counts seconds beside the words."""
+    if not busy:
+        return f"<span>{html.escape(words)}</span>"
+    return f'<span class="busy">{html.escape(words)}</span><span aria-hidden="true" data-elapsed></span>'
+
+
+def _unfinished(conv: Conversation) -> bool:
+    """Whether the last reply can be continued (cut at the length limit, or stopped)."""
+    last = conv.turns[-1] if conv.turns else None
+    return bool(last and last.role is Role.ASSISTANT and not last.notice and (last.cut or last.interrupted))
+
+
 @dataclass
 class Controls:
     """The components handlers read and write; `build()` fills it, subclasses may add their own."""
@@ -116,6 +138,8 @@ class Controls:
     export_btn: gr.Button
     import_btn: gr.UploadButton
     export_file: gr.File
+    status: gr.HTML
+    continue_btn: gr.Button
 
 
 class ChatPage:
@@ -154,19 +178,61 @@ class ChatPage:
         return session, key, gr.Radio(choices=self.conversation_choices(session.owner), value=None)
 
     # -- turns ----------------------------------------------------------------------------
-    def streamed(self, owner: str, conv: Conversation, replies: Iterable[str]) -> Iterator[tuple]:
-        """Chat updates for a streamed reply: (messages, message box, session)."""
+    def streamed(self, owner: str, conv: Conversation, replies: Iterable[str],
+                 keep_last: bool = True) -> Iterator[tuple]:
+        """Chat updates for a streamed reply: (messages, message box, session).
+
+        `keep_last=False` when the reply streamed is the conversation's last turn, continued.
+        """
         session = ChatSession(owner, conv.id)
-        locked = gr.MultimodalTextbox(value=None, interactive=False)
+        locked = gr.MultimodalTextbox(value=None, **_BUSY_BOX)
         shown: list[dict] | None = None
         for reply in replies:
             if shown is None:
                 shown = chat_messages(conv)  # the user's turn is in: a copy of the chat so far
+                shown = shown if keep_last else shown[:-1]
             yield [*shown, {"role": "assistant", "content": reply}] if reply else shown, locked, session
-        yield self.stored_messages(owner, conv.id), gr.MultimodalTextbox(interactive=True), session
+        yield self.stored_messages(owner, conv.id), gr.MultimodalTextbox(**_IDLE_BOX), session
 
     def stored_messages(self, owner: str, conv_id: str | None) -> list[dict]:
         return chat_messages(self.service.conversation(owner, conv_id))
+
+    def waiting_words(self) -> str:
+        """What a new message waits for, in plain words."""
+        others = self.service.replies_running() - self.concurrency_limit + 1
+        if others <= 0:
+            return "Thinking…"
+        return f"Waiting for {others} other {'reply' if others == 1 else 'replies'} to finish…"
+
+    def accept(self, message: dict | None, session: ChatSession, request: gr.Request):
+        """Show the message in the chat at once (it may wait for a free model) and lock the box."""
+        text, files = _message_parts(message)
+        if not text.strip() and not files:
+            raise gr.Error("Type a message, attach a photo or record your voice first.")
+        owner, conv = self.opened(session, request)
+        shown = [*chat_messages(conv), {"role": "user", "content": [*({"path": f} for f in files), *([text] if text else [])]}]
+        return shown, gr.MultimodalTextbox(value=None, **_BUSY_BOX), message, gr.HTML(
+            status_html(self.waiting_words(), busy=True)), gr.Button(visible=False)
+
+    def busy(self):
+        """Box and status while a retry, edit or continue waits for and runs the model."""
+        return gr.MultimodalTextbox(**_BUSY_BOX), gr.HTML(status_html(self.waiting_words(), busy=True)), gr.Button(
+            visible=False)
+
+    def after_reply(self, session: ChatSession, request: gr.Request):
+        """Side panel, status line ("Reply finished."), Continue and a free message box once a reply ended.
+
+        The box is freed here too, as a reply that failed never sent its last update."""
+        return *self._after(session, request, FINISHED), gr.MultimodalTextbox(**_IDLE_BOX)
+
+    def after_change(self, session: ChatSession, request: gr.Request):
+        """The same after any other change (open, rename, undo...), with a quiet status line."""
+        return self._after(session, request, "")
+
+    def _after(self, session: ChatSession, request: gr.Request, words: str):
+        owner, conv = self.opened(session, request)
+        radio, title = self.sidebar(session, request)
+        return radio, title, gr.HTML(status_html(words if conv.turns else "")), gr.Button(visible=_unfinished(conv))
 
     @_shown_errors
     def respond(self, message: dict | None, session: ChatSession, request: gr.Request):
@@ -188,6 +254,11 @@ class ChatPage:
             raise UserFacingError("There is no such message to edit.")
         yield from self.streamed(owner, conv, self.service.edit(owner, conv, turns[position].id, text))
 
+    @_shown_errors
+    def continue_reply(self, session: ChatSession, request: gr.Request):
+        owner, conv = self.opened(session, request)
+        yield from self.streamed(owner, conv, self.service.continue_reply(owner, conv), keep_last=False)
+
     def edit_in_chat(self, data: gr.EditData, session: ChatSession, request: gr.Request):
         value = data.value if isinstance(data.value, str) else " ".join(
             p.get("text", "") for p in data.value if isinstance(p, dict))
@@ -201,7 +272,7 @@ class ChatPage:
     def clear(self, session: ChatSession, request: gr.Request):
         owner, conv = self.opened(session, request)
         self.service.clear(owner, conv)
-        return [], gr.MultimodalTextbox(interactive=True), ChatSession(owner, conv.id)
+        return [], gr.MultimodalTextbox(**_IDLE_BOX), ChatSession(owner, conv.id)
 
     def stop(self, session: ChatSession, request: gr.Request) -> None:
         self.service.stop(self.owner_of(session, request), session.conversation_id)
@@ -209,7 +280,7 @@ class ChatPage:
     # -- conversations ---------------------------------------------------------------------
     def new_chat(self, session: ChatSession, request: gr.Request):
         owner = self.owner_of(session, request)
-        return [], gr.MultimodalTextbox(value=None, interactive=True), ChatSession(owner, None)
+        return [], gr.MultimodalTextbox(value=None, **_IDLE_BOX), ChatSession(owner, None)
 
     @_shown_errors
     def open_conversation(self, conv_id: str, session: ChatSession, request: gr.Request):
@@ -275,12 +346,20 @@ class ChatPage:
         return gr.Chatbot(label="Conversation", height=560, buttons=["copy"], editable="user",
                           placeholder="Say hello, share a photo, or record a question.")
 
+    def reply_controls(self) -> tuple[gr.HTML, gr.Button]:
+        """The status line (a live region: thinking, waiting, finished) and Continue for a cut reply."""
+        with gr.Row(equal_height=True):
+            status = gr.HTML("", elem_id="reply-status", padding=False)
+            continue_btn = gr.Button("Continue the reply", size="sm", visible=False, elem_id="continue-reply",
+                                     scale=0, min_width=160)
+        return status, continue_btn
+
     def input_row(self) -> gr.MultimodalTextbox:
         """The message box; override to put more controls (e.g. voice) beside it."""
         box = gr.MultimodalTextbox(
             sources=["upload", "microphone"], file_types=["image", "audio"], file_count="multiple",
             placeholder="Type a message, attach photos, or record your voice…", show_label=False,
-            autofocus=True, stop_btn=True, elem_id="message-box")
+            autofocus=True, stop_btn=False, elem_id="message-box")
         gr.Examples(examples=_EXAMPLES, inputs=box, label="Try")
         return box
 
@@ -291,9 +370,16 @@ class ChatPage:
             session = gr.State(ChatSession(), delete_callback=self.service.end_session)
             panel = self.sidebar_panel()
             chatbot = self.chat_area()
+            status, continue_btn = self.reply_controls()
             box = self.input_row()
-            self.wire(demo, Controls(session=session, owner_key=owner_key, chatbot=chatbot, box=box, **panel))
+            self.wire(demo, Controls(session=session, owner_key=owner_key, chatbot=chatbot, box=box, status=status,
+                                     continue_btn=continue_btn, **panel))
         return demo
+
+    @staticmethod
+    def launch_options() -> dict:
+        """What `launch()` needs to show the page as designed: its style sheet and script (no network)."""
+        return dict(css_paths=[STATIC / "page.css"], head=(STATIC / "page.js").read_text(encoding="utf-8"))
 
     def wire(self, demo: gr.Blocks, c: Controls) -> None:
         """Connect controls to handlers; every API endpoint is named here."""
@@ -302,41 +388,55 @@ class ChatPage:
             api_text = gr.Textbox()
             api_index = gr.Number(precision=0)
             api_json = gr.JSON()
-            api_open, api_edit, api_key, api_list = (gr.Button() for _ in range(4))
+            api_message = gr.MultimodalTextbox()
+            api_chat, api_open, api_edit, api_key, api_list = (gr.Button() for _ in range(5))
+        pending = gr.State(None)  # the message the page shows while it waits for the model
 
         session, chatbot, box = c.session, c.chatbot, c.box
         turn_out = [chatbot, box, session]
-        refresh = dict(fn=self.sidebar, inputs=[session], outputs=[c.conv_list, c.title_box],
-                       api_visibility="private", queue=False)
-        # Replies share one queue slot group: the model is one, and waiting users see their place.
-        reply = dict(concurrency_id="reply", concurrency_limit=self.concurrency_limit)
+        busy = dict(fn=self.busy, outputs=[box, c.status, c.continue_btn], api_visibility="private", queue=False)
+        refreshed = [c.conv_list, c.title_box, c.status, c.continue_btn]
+        ended = dict(fn=self.after_reply, inputs=[session], outputs=[*refreshed, box], api_visibility="private",
+                     queue=False)
+        changed = dict(fn=self.after_change, inputs=[session], outputs=refreshed, api_visibility="private",
+                       queue=False)
+        # Replies share one queue slot group: the model is one. The page says in words what a reply
+        # waits for (the status line), so Gradio's own queue overlay is hidden.
+        reply = dict(concurrency_id="reply", concurrency_limit=self.concurrency_limit, show_progress="hidden")
         quick = dict(concurrency_limit=None)
+
+        def replied(event):
+            event.then(**ended).then(None, js=_FOCUS_BOX)
+
+        def after(event):
+            event.then(**changed)
 
         demo.load(self.on_load, [c.owner_key], [session, c.owner_key, c.conv_list], api_visibility="private",
                   queue=False)
-        box.submit(self.respond, [box, session], turn_out, api_name="chat", **reply).then(**refresh)
+        replied(box.submit(self.accept, [box, session], [chatbot, box, pending, c.status, c.continue_btn],
+                         api_visibility="private", queue=False)
+              .success(self.respond, [pending, session], turn_out, api_visibility="private", **reply))
+        replied(api_chat.click(self.respond, [api_message, session], turn_out, api_name="chat", **reply))
         box.stop(self.stop, [session], None, api_name="stop", queue=False)
-        chatbot.retry(self.regenerate, [session], turn_out, api_name="retry", **reply).then(**refresh)
-        chatbot.undo(self.undo, [session], [chatbot, session], api_name="undo", **quick).then(**refresh)
-        chatbot.edit(self.edit_in_chat, [session], turn_out, api_visibility="private", **reply).then(**refresh)
-        api_edit.click(self.edit, [api_index, api_text, session], turn_out, api_name="edit", **reply).then(**refresh)
-        chatbot.clear(self.clear, [session], turn_out, api_name="clear", **quick).then(**refresh)
-        c.new_btn.click(self.new_chat, [session], turn_out, api_name="new_chat", queue=False).then(**refresh)
-        c.conv_list.input(self.open_conversation, [c.conv_list, session], [chatbot, session],
-                          api_visibility="private", **quick).then(**refresh)
-        api_open.click(self.open_conversation, [api_text, session], [chatbot, session], api_name="open",
-                       **quick).then(**refresh)
+        replied(chatbot.retry(**busy).then(self.regenerate, [session], turn_out, api_name="retry", **reply))
+        replied(c.continue_btn.click(**busy).then(self.continue_reply, [session], turn_out, api_name="continue",
+                                                **reply))
+        after(chatbot.undo(self.undo, [session], [chatbot, session], api_name="undo", **quick))
+        # The edit's data comes with the event itself, so its handler is the first in the chain.
+        replied(chatbot.edit(self.edit_in_chat, [session], turn_out, api_visibility="private", **reply))
+        replied(api_edit.click(self.edit, [api_index, api_text, session], turn_out, api_name="edit", **reply))
+        after(chatbot.clear(self.clear, [session], turn_out, api_name="clear", **quick))
+        after(c.new_btn.click(self.new_chat, [session], turn_out, api_name="new_chat", queue=False))
+        after(c.conv_list.input(self.open_conversation, [c.conv_list, session], [chatbot, session],
+                                api_visibility="private", **quick))
+        after(api_open.click(self.open_conversation, [api_text, session], [chatbot, session], api_name="open",
+                             **quick))
         api_key.click(self.use_key, [api_text], [session, api_json], api_name="use_key", queue=False)
         api_list.click(self.list_conversations, [session], [api_json], api_name="conversations", queue=False)
-        c.rename_btn.click(self.rename, [c.title_box, session], None, api_name="rename", **quick).then(**refresh)
-        c.title_box.submit(self.rename, [c.title_box, session], None, api_visibility="private",
-                           **quick).then(**refresh)
-        c.delete_btn.click(self.delete, [session], turn_out, api_name="delete", **quick).then(**refresh)
+        after(c.rename_btn.click(self.rename, [c.title_box, session], None, api_name="rename", **quick))
+        after(c.title_box.submit(self.rename, [c.title_box, session], None, api_visibility="private", **quick))
+        after(c.delete_btn.click(self.delete, [session], turn_out, api_name="delete", **quick))
         c.export_btn.click(self.export, [session], [c.export_file], api_name="export", **quick)
-        c.import_btn.upload(self.import_conversation, [c.import_btn, session], [chatbot, session], api_name="import",
-                            **quick).then(**refresh)
+        after(c.import_btn.upload(self.import_conversation, [c.import_btn, session], [chatbot, session],
+                                  api_name="import", **quick))
 
-
-def build_ui(service: ChatService, browser_secret: str, concurrency_limit: int = 1) -> gr.Blocks:
-    """The page for `service` (see ChatPage)."""
-    return ChatPage(service, browser_secret, concurrency_limit).build()
