@@ -18,7 +18,9 @@ from __future__ import annotations
 import functools
 import html
 import inspect
+import re
 import tempfile
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +53,9 @@ _EXAMPLES = [
     {"text": "", "files": [str(ASSETS / "examples" / "capital-of-france.wav")]},
     {"text": "Explain what a Python list comprehension is, with one example."},
 ]
+# Words for each example (an example with only a recording would otherwise be a button without a name).
+_EXAMPLE_LABELS = ["Plan a weekend hike", "Read a sign in a photo", "Ask by voice: the capital of France",
+                   "Explain list comprehensions"]
 
 
 # -- the conversation as Chatbot messages ---------------------------------------------------
@@ -107,6 +112,12 @@ def _message_parts(message: dict | None) -> tuple[str, list[str]]:
     message = message or {}
     files = [f if isinstance(f, str) else f["path"] for f in message.get("files") or []]
     return message.get("text") or "", files
+
+
+def export_name(conv: Conversation) -> str:
+    """A file name people recognise: the title and the date, e.g. `weekend-hike-2026-11-24.json`."""
+    words = re.sub(r"[^a-z0-9]+", "-", conv.title.lower()).strip("-")[:60].rstrip("-") or "conversation"
+    return f"{words}-{time.strftime('%Y-%m-%d', time.localtime(conv.created))}.json"
 
 
 def status_html(words: str, busy: bool = False) -> str:
@@ -232,7 +243,8 @@ class ChatPage:
     def _after(self, session: ChatSession, request: gr.Request, words: str):
         owner, conv = self.opened(session, request)
         radio, title = self.sidebar(session, request)
-        return radio, title, gr.HTML(status_html(words if conv.turns else "")), gr.Button(visible=_unfinished(conv))
+        return (radio, title, gr.HTML(status_html(words if conv.turns else "")), gr.Button(visible=_unfinished(conv)),
+                gr.File(value=None, visible=False))  # an earlier export link would be stale
 
     @_shown_errors
     def respond(self, message: dict | None, session: ChatSession, request: gr.Request):
@@ -309,13 +321,14 @@ class ChatPage:
         return self.new_chat(session, request)
 
     @_shown_errors
-    def export(self, session: ChatSession, request: gr.Request) -> str:
+    def export(self, session: ChatSession, request: gr.Request) -> gr.File:
         owner, conv = self.opened(session, request)
         if not conv.turns:
             raise UserFacingError("This conversation is empty; there is nothing to export yet.")
-        path = Path(self._exports.name) / f"conversation-{conv.id}.json"
+        path = Path(self._exports.name) / conv.id / export_name(conv)
+        path.parent.mkdir(exist_ok=True)
         path.write_text(self.service.export_json(owner, conv.id), encoding="utf-8")
-        return str(path)
+        return gr.File(value=str(path), visible=True)
 
     @_shown_errors
     def import_conversation(self, file: str | None, session: ChatSession, request: gr.Request):
@@ -337,7 +350,7 @@ class ChatPage:
             with gr.Row():
                 export_btn = gr.Button("Export", size="sm")
                 import_btn = gr.UploadButton("Import", size="sm", file_types=[".json"], file_count="single")
-            export_file = gr.File(label="Exported conversation", interactive=False)
+            export_file = gr.File(label="Exported conversation", interactive=False, visible=False)
         return dict(new_btn=new_btn, conv_list=conv_list, title_box=title_box, rename_btn=rename_btn,
                     delete_btn=delete_btn, export_btn=export_btn, import_btn=import_btn, export_file=export_file)
 
@@ -360,7 +373,7 @@ class ChatPage:
             sources=["upload", "microphone"], file_types=["image", "audio"], file_count="multiple",
             placeholder="Type a message, attach photos, or record your voice…", show_label=False,
             autofocus=True, stop_btn=False, elem_id="message-box")
-        gr.Examples(examples=_EXAMPLES, inputs=box, label="Try")
+        gr.Examples(examples=_EXAMPLES, inputs=box, label="Try", example_labels=_EXAMPLE_LABELS)
         return box
 
     def build(self) -> gr.Blocks:
@@ -394,12 +407,14 @@ class ChatPage:
 
         session, chatbot, box = c.session, c.chatbot, c.box
         turn_out = [chatbot, box, session]
-        busy = dict(fn=self.busy, outputs=[box, c.status, c.continue_btn], api_visibility="private", queue=False)
-        refreshed = [c.conv_list, c.title_box, c.status, c.continue_btn]
+        # Status updates are instant: no progress overlay of their own.
+        busy = dict(fn=self.busy, outputs=[box, c.status, c.continue_btn], api_visibility="private", queue=False,
+                    show_progress="hidden")
+        refreshed = [c.conv_list, c.title_box, c.status, c.continue_btn, c.export_file]
         ended = dict(fn=self.after_reply, inputs=[session], outputs=[*refreshed, box], api_visibility="private",
-                     queue=False)
+                     queue=False, show_progress="hidden")
         changed = dict(fn=self.after_change, inputs=[session], outputs=refreshed, api_visibility="private",
-                       queue=False)
+                       queue=False, show_progress="hidden")
         # Replies share one queue slot group: the model is one. The page says in words what a reply
         # waits for (the status line), so Gradio's own queue overlay is hidden.
         reply = dict(concurrency_id="reply", concurrency_limit=self.concurrency_limit, show_progress="hidden")
@@ -414,7 +429,7 @@ class ChatPage:
         demo.load(self.on_load, [c.owner_key], [session, c.owner_key, c.conv_list], api_visibility="private",
                   queue=False)
         replied(box.submit(self.accept, [box, session], [chatbot, box, pending, c.status, c.continue_btn],
-                         api_visibility="private", queue=False)
+                         api_visibility="private", queue=False, show_progress="hidden")
               .success(self.respond, [pending, session], turn_out, api_visibility="private", **reply))
         replied(api_chat.click(self.respond, [api_message, session], turn_out, api_name="chat", **reply))
         box.stop(self.stop, [session], None, api_name="stop", queue=False)

@@ -4,7 +4,9 @@ page tests in milliseconds."""
 
 from __future__ import annotations
 
+import os
 import threading
+import time
 from collections.abc import Generator
 from concurrent.futures import Future
 
@@ -21,13 +23,14 @@ class CannedGenerator:
 
     name = "canned"
 
-    def __init__(self, context_tokens: int = 512):
+    def __init__(self, context_tokens: int = 512, seconds_per_token: float = 0.0):
         self.context_tokens = context_tokens
+        self.seconds_per_token = seconds_per_token  # browser tests slow it down to watch a reply run
         self.prompts: list[list[Message]] = []  # what it was asked, for tests to check
 
     @classmethod
     def from_config(cls, config) -> CannedGenerator:
-        return cls(config.max_context)
+        return cls(config.max_context, float(os.environ.get("CANNED_SECONDS_PER_TOKEN", "0")))
 
     def count_tokens(self, text: str) -> int:
         return len(text.split())
@@ -44,6 +47,7 @@ class CannedGenerator:
         for i, word in enumerate(reply[start:start + settings.max_new_tokens]):
             if stop is not None and stop.is_set():
                 return FinishReason.STOP
+            time.sleep(self.seconds_per_token)
             yield word if i + start == 0 else " " + word
         return FinishReason.LENGTH if len(reply) - start > settings.max_new_tokens else FinishReason.STOP
 

@@ -2,6 +2,8 @@
 the tiny transformers model and the canned generator (whose replies stream many readable pieces)."""
 
 import json
+import time
+from pathlib import Path
 
 import gradio as gr
 import pytest
@@ -12,10 +14,10 @@ from chatbot.conversation.service import ChatService
 from chatbot.conversation.store import ConversationStore
 from chatbot.generation.base import GenerationSettings, load_generator
 from chatbot.perception.encoder import MultimodalEncoder
-from chatbot.web.page import ChatPage
+from chatbot.web.page import FINISHED, ChatPage, chat_messages
 from tests.support import canned  # also registers the `canned` backend
 
-API = {"chat", "stop", "retry", "undo", "edit", "clear", "new_chat", "conversations", "open", "rename", "delete",
+API = {"chat", "continue", "stop", "retry", "undo", "edit", "clear", "new_chat", "conversations", "open", "rename", "delete",
        "export", "import", "use_key"}
 TAB = gr.Request(username=None, session_hash="tab-1")
 OTHER_TAB = gr.Request(username=None, session_hash="tab-2")
@@ -71,7 +73,7 @@ def test_a_turn_streams_copies_then_ends_with_what_is_stored(tmp_path):
     assert chats[1] is not chats[2] and chats[1][0] is chats[2][0]  # one copy of the history, new lists
     assert words(chats[1][1]) != words(chats[-1][1])  # an early update is not changed by later tokens
     stored = page.service.open(session.owner, session.conversation_id)
-    assert [words(m) for m in chats[-1]] == [t.text for t in stored.turns]
+    assert chats[-1] == chat_messages(stored)
 
 
 def test_the_box_is_locked_while_replying_and_freed_at_the_end(page):
@@ -118,7 +120,9 @@ def test_export_then_import_under_another_key(page):
     with pytest.raises(gr.Error, match="empty"):
         page.export(ChatSession(), TAB)
     _, session = send(page, ChatSession(), "hello cat")
-    path = page.export(session, TAB)
+    shown = page.export(session, TAB)
+    path = shown.value["path"] if isinstance(shown.value, dict) else shown.value
+    assert shown.visible and Path(path).name == f"hello-cat-{time.strftime('%Y-%m-%d')}.json"
     assert json.loads(open(path, encoding="utf-8").read())["conversation"]["title"] == "hello cat"
     other, listed = page.use_key("another-long-owner-key", OTHER_TAB)
     assert listed == []
@@ -133,3 +137,31 @@ def test_load_gives_a_browser_a_key_and_keeps_a_good_one(page):
     assert len(key) >= 16 and session.owner.startswith("key:")
     again, same_key, _ = page.on_load(key, TAB)
     assert same_key == key and again.owner == session.owner
+
+
+def test_a_sent_message_shows_at_once_with_what_it_waits_for(page):
+    with pytest.raises(gr.Error, match="Type a message"):
+        page.accept({"text": "  ", "files": []}, ChatSession(), TAB)  # no empty conversations
+    assert page.list_conversations(ChatSession(), TAB) == []
+    chat, box, pending, status, _ = page.accept({"text": "hello cat", "files": []}, ChatSession(), TAB)
+    assert chat == [{"role": "user", "content": ["hello cat"]}] and box.interactive is False and box.stop_btn
+    assert pending["text"] == "hello cat" and "Thinking…" in status.value
+    stream = page.respond({"text": "tell me about the weather", "files": []}, ChatSession(), OTHER_TAB)
+    next(stream)
+    next(stream)  # another user's reply is being written
+    assert "Waiting for 1 other reply to finish…" in page.accept({"text": "hi", "files": []}, ChatSession(), TAB)[3].value
+    stream.close()
+
+
+def test_a_cut_reply_offers_continue_until_continued(page):
+    page.service.settings = GenerationSettings(max_new_tokens=4, temperature=0)
+    chats, session = send(page, ChatSession(), "tell me about the weather today")
+    assert "cut short" in words(chats[-1][-1])
+    _, _, status, continue_btn, _, box = page.after_reply(session, TAB)
+    assert continue_btn.visible and FINISHED in status.value and box.interactive
+    before = words(chats[-1][-1]).split("\n")[0]
+    updates = list(page.continue_reply(session, TAB))
+    assert all(len(u[0]) == 2 for u in updates)  # the reply grows in place; no new message
+    assert words(updates[-1][0][1]).startswith(before)
+    with pytest.raises(gr.Error, match="no unfinished reply"):
+        list(page.continue_reply(ChatSession(), TAB))

@@ -21,6 +21,11 @@
       status.setAttribute("role", "status");
       status.setAttribute("aria-live", "polite");
     }
+    // Gradio shows chat photos as buttons without a name: name them after the photo ("Photo 1").
+    document.querySelectorAll(".image-container > button:not([aria-label])").forEach((button) => {
+      const alt = button.querySelector("img")?.getAttribute("alt");
+      button.setAttribute("aria-label", `Enlarge ${alt || "the photo"}`);
+    });
     // Elapsed seconds beside "Thinking…" / "Waiting…" (hidden from screen readers: it changes every second).
     document.querySelectorAll("#reply-status [data-elapsed]").forEach((el) => {
       el.dataset.start = el.dataset.start || String(Date.now());
