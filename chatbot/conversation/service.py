@@ -35,6 +35,14 @@ SORRY = "Sorry, something went wrong on my side while answering. Your conversati
 MAX_TITLE_LENGTH = 120
 
 
+def clean_title(title: str | None) -> str:
+    """A title on one line, not too long; UserFacingError if nothing is left."""
+    title = " ".join((title or "").split())[:MAX_TITLE_LENGTH]
+    if not title:
+        raise UserFacingError("A conversation needs a title; type one first.")
+    return title
+
+
 @dataclass
 class _RunningReply:
     owner: str
@@ -80,10 +88,7 @@ class ChatService:
         return self.store.list(owner)
 
     def rename(self, owner: str, conv_id: str, title: str) -> None:
-        title = " ".join((title or "").split())[:MAX_TITLE_LENGTH]
-        if not title:
-            raise UserFacingError("A conversation needs a title; type one first.")
-        self.store.rename(owner, conv_id, title)
+        self.store.rename(owner, conv_id, clean_title(title))
 
     def delete(self, owner: str, conv_id: str) -> bool:
         self.stop(owner, conv_id)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import html
 import inspect
+import logging
 import re
 import tempfile
 import time
@@ -33,10 +34,11 @@ from chatbot.conversation.owners import (
     new_owner_key,
     resolve_owner,
 )
-from chatbot.conversation.service import ChatService
+from chatbot.conversation.service import ChatService, clean_title
 from chatbot.errors import UserFacingError
 from chatbot.state import AttachmentKind, Conversation, ObservationKind, Role, Turn
 
+log = logging.getLogger(__name__)
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
 STATIC = Path(__file__).resolve().parent / "static"
 OWNER_STORAGE_KEY = "multimodal-chatbot-owner"
@@ -87,6 +89,12 @@ def chat_messages(conv: Conversation, reply: str | None = None) -> list[dict]:
     return messages
 
 
+def _user_error(fn, error: UserFacingError) -> gr.Error:
+    """What the person did wrong is one log line, not a traceback, and the reason shown to them."""
+    log.info("%s: %s", fn.__name__, error)
+    return gr.Error(str(error), print_exception=False)
+
+
 def _shown_errors(fn):
     """UserFacingError → gr.Error, so the person sees the reason (Gradio hides other errors)."""
     if inspect.isgeneratorfunction(fn):
@@ -95,7 +103,7 @@ def _shown_errors(fn):
             try:
                 yield from fn(*args, **kwargs)
             except UserFacingError as error:
-                raise gr.Error(str(error)) from error
+                raise _user_error(fn, error) from error
         return stream
 
     @functools.wraps(fn)
@@ -103,7 +111,7 @@ def _shown_errors(fn):
         try:
             return fn(*args, **kwargs)
         except UserFacingError as error:
-            raise gr.Error(str(error)) from error
+            raise _user_error(fn, error) from error
     return call
 
 
@@ -171,7 +179,10 @@ class ChatPage:
 
     def opened(self, session: ChatSession, request: gr.Request) -> tuple[str, Conversation]:
         owner = self.owner_of(session, request)
-        return owner, self.service.conversation(owner, session.conversation_id)
+        conv = self.service.conversation(owner, session.conversation_id)
+        if not conv.turns and session.title:
+            conv.title = session.title  # named before its first message: kept when that message stores it
+        return owner, conv
 
     def conversation_choices(self, owner: str) -> list[tuple[str, str]]:
         return [(c.title or "Untitled", c.id) for c in self.service.conversations(owner)]
@@ -215,11 +226,12 @@ class ChatPage:
             return "Thinking…"
         return f"Waiting for {others} other {'reply' if others == 1 else 'replies'} to finish…"
 
+    @_shown_errors
     def accept(self, message: dict | None, session: ChatSession, request: gr.Request):
         """Show the message in the chat at once (it may wait for a free model) and lock the box."""
         text, files = _message_parts(message)
         if not text.strip() and not files:
-            raise gr.Error("Type a message, attach a photo or record your voice first.")
+            raise UserFacingError("Type a message, attach a photo or record your voice first.")
         owner, conv = self.opened(session, request)
         shown = [*chat_messages(conv), {"role": "user", "content": [*({"path": f} for f in files), *([text] if text else [])]}]
         return shown, gr.MultimodalTextbox(value=None, **_BUSY_BOX), message, gr.HTML(
@@ -310,9 +322,12 @@ class ChatPage:
                 for c in self.service.conversations(self.owner_of(session, request))]
 
     @_shown_errors
-    def rename(self, title: str, session: ChatSession, request: gr.Request) -> None:
+    def rename(self, title: str, session: ChatSession, request: gr.Request) -> ChatSession:
         owner, conv = self.opened(session, request)
+        if not conv.turns:  # a new chat is stored with its first message; until then the tab keeps the name
+            return ChatSession(owner, conv.id, clean_title(title))
         self.service.rename(owner, conv.id, title)
+        return ChatSession(owner, conv.id)
 
     def delete(self, session: ChatSession, request: gr.Request):
         owner = self.owner_of(session, request)
@@ -448,8 +463,8 @@ class ChatPage:
                              **quick))
         api_key.click(self.use_key, [api_text], [session, api_json], api_name="use_key", queue=False)
         api_list.click(self.list_conversations, [session], [api_json], api_name="conversations", queue=False)
-        after(c.rename_btn.click(self.rename, [c.title_box, session], None, api_name="rename", **quick))
-        after(c.title_box.submit(self.rename, [c.title_box, session], None, api_visibility="private", **quick))
+        after(c.rename_btn.click(self.rename, [c.title_box, session], [session], api_name="rename", **quick))
+        after(c.title_box.submit(self.rename, [c.title_box, session], [session], api_visibility="private", **quick))
         after(c.delete_btn.click(self.delete, [session], turn_out, api_name="delete", **quick))
         c.export_btn.click(self.export, [session], [c.export_file], api_name="export", **quick)
         after(c.import_btn.upload(self.import_conversation, [c.import_btn, session], [chatbot, session],

@@ -165,3 +165,20 @@ def test_a_cut_reply_offers_continue_until_continued(page):
     assert words(updates[-1][0][1]).startswith(before)
     with pytest.raises(gr.Error, match="no unfinished reply"):
         list(page.continue_reply(ChatSession(), TAB))
+
+
+def test_a_new_chat_can_be_named_before_its_first_message(page):
+    session = page.rename("  Weekend   plans ", ChatSession(), TAB)
+    assert page.list_conversations(session, TAB) == []  # still no empty conversation
+    assert page.sidebar(session, TAB)[1].value == "Weekend plans"
+    _, session = send(page, session, "hello cat")
+    assert [c["title"] for c in page.list_conversations(session, TAB)] == ["Weekend plans"]
+    with pytest.raises(gr.Error, match="needs a title"):
+        page.rename("   ", ChatSession(), TAB)
+
+
+def test_a_user_error_is_one_log_line_and_no_traceback(page, caplog):
+    with caplog.at_level("INFO", logger="chatbot.web.page"), pytest.raises(gr.Error) as raised:
+        page.accept({"text": "", "files": []}, ChatSession(), TAB)
+    assert not raised.value.print_exception
+    assert [r.getMessage() for r in caplog.records] == ["accept: Type a message, attach a photo or record your voice first."]
