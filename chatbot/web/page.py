@@ -159,6 +159,10 @@ class Controls:
     export_file: gr.File
     status: gr.HTML
     continue_btn: gr.Button
+    confirm_row: gr.Row
+    confirm_text: gr.Markdown
+    confirm_yes: gr.Button
+    confirm_no: gr.Button
 
 
 class ChatPage:
@@ -256,7 +260,8 @@ class ChatPage:
         owner, conv = self.opened(session, request)
         radio, title = self.sidebar(session, request)
         return (radio, title, gr.HTML(status_html(words if conv.turns else "")), gr.Button(visible=_unfinished(conv)),
-                gr.File(value=None, visible=False))  # an earlier export link would be stale
+                gr.File(value=None, visible=False),  # an earlier export link would be stale
+                gr.Column(visible=False))  # so would a question about deleting
 
     @_shown_errors
     def respond(self, message: dict | None, session: ChatSession, request: gr.Request):
@@ -329,6 +334,15 @@ class ChatPage:
         self.service.rename(owner, conv.id, title)
         return ChatSession(owner, conv.id)
 
+    @_shown_errors
+    def ask_delete(self, session: ChatSession, request: gr.Request):
+        """The question before deleting: which conversation, and that it cannot be undone."""
+        owner, conv = self.opened(session, request)
+        if not conv.turns:
+            raise UserFacingError("This chat is not saved yet; there is nothing to delete.")
+        return gr.Column(visible=True), gr.Markdown(
+            f"Delete **{html.escape(conv.title or 'this conversation')}** for good?")
+
     def delete(self, session: ChatSession, request: gr.Request):
         owner = self.owner_of(session, request)
         if session.conversation_id:
@@ -361,17 +375,24 @@ class ChatPage:
             title_box = gr.Textbox(label="Title of this conversation", max_lines=1)
             with gr.Row():
                 rename_btn = gr.Button("Rename", size="sm")
-                delete_btn = gr.Button("Delete", size="sm", variant="stop")
+                delete_btn = gr.Button("Delete…", size="sm", variant="stop")
+            # Deleting asks first (the only delete control: the chat's own bin is not offered).
+            with gr.Column(visible=False, elem_id="confirm-delete") as confirm_row:
+                confirm_text = gr.Markdown()
+                with gr.Row():
+                    confirm_yes = gr.Button("Yes, delete it", size="sm", variant="stop")
+                    confirm_no = gr.Button("Keep it", size="sm")
             with gr.Row():
                 export_btn = gr.Button("Export", size="sm")
                 import_btn = gr.UploadButton("Import", size="sm", file_types=[".json"], file_count="single")
             export_file = gr.File(label="Exported conversation", interactive=False, visible=False)
         return dict(new_btn=new_btn, conv_list=conv_list, title_box=title_box, rename_btn=rename_btn,
-                    delete_btn=delete_btn, export_btn=export_btn, import_btn=import_btn, export_file=export_file)
+                    delete_btn=delete_btn, export_btn=export_btn, import_btn=import_btn, export_file=export_file,
+                    confirm_row=confirm_row, confirm_text=confirm_text, confirm_yes=confirm_yes, confirm_no=confirm_no)
 
     def chat_area(self) -> gr.Chatbot:
         gr.Markdown("### Multimodal Chatbot\nType, attach photos, or press the microphone and speak.")
-        return gr.Chatbot(label="Conversation", height=560, buttons=["copy"], editable="user",
+        return gr.Chatbot(label="Conversation", height=560, elem_id="chat", buttons=["copy"], editable="user",
                           placeholder="Say hello, share a photo, or record a question.")
 
     def reply_controls(self) -> tuple[gr.HTML, gr.Button]:
@@ -417,7 +438,7 @@ class ChatPage:
             api_index = gr.Number(precision=0)
             api_json = gr.JSON()
             api_message = gr.MultimodalTextbox()
-            api_chat, api_open, api_edit, api_key, api_list = (gr.Button() for _ in range(5))
+            api_chat, api_open, api_edit, api_key, api_list, api_clear = (gr.Button() for _ in range(6))
         pending = gr.State(None)  # the message the page shows while it waits for the model
 
         session, chatbot, box = c.session, c.chatbot, c.box
@@ -425,7 +446,7 @@ class ChatPage:
         # Status updates are instant: no progress overlay of their own.
         busy = dict(fn=self.busy, outputs=[box, c.status, c.continue_btn], api_visibility="private", queue=False,
                     show_progress="hidden")
-        refreshed = [c.conv_list, c.title_box, c.status, c.continue_btn, c.export_file]
+        refreshed = [c.conv_list, c.title_box, c.status, c.continue_btn, c.export_file, c.confirm_row]
         ended = dict(fn=self.after_reply, inputs=[session], outputs=[*refreshed, box], api_visibility="private",
                      queue=False, show_progress="hidden")
         changed = dict(fn=self.after_change, inputs=[session], outputs=refreshed, api_visibility="private",
@@ -455,7 +476,7 @@ class ChatPage:
         # The edit's data comes with the event itself, so its handler is the first in the chain.
         replied(chatbot.edit(self.edit_in_chat, [session], turn_out, api_visibility="private", **reply))
         replied(api_edit.click(self.edit, [api_index, api_text, session], turn_out, api_name="edit", **reply))
-        after(chatbot.clear(self.clear, [session], turn_out, api_name="clear", **quick))
+        after(api_clear.click(self.clear, [session], turn_out, api_name="clear", **quick))
         after(c.new_btn.click(self.new_chat, [session], turn_out, api_name="new_chat", queue=False))
         after(c.conv_list.input(self.open_conversation, [c.conv_list, session], [chatbot, session],
                                 api_visibility="private", **quick))
@@ -465,7 +486,11 @@ class ChatPage:
         api_list.click(self.list_conversations, [session], [api_json], api_name="conversations", queue=False)
         after(c.rename_btn.click(self.rename, [c.title_box, session], [session], api_name="rename", **quick))
         after(c.title_box.submit(self.rename, [c.title_box, session], [session], api_visibility="private", **quick))
-        after(c.delete_btn.click(self.delete, [session], turn_out, api_name="delete", **quick))
+        c.delete_btn.click(self.ask_delete, [session], [c.confirm_row, c.confirm_text], api_visibility="private",
+                           queue=False, show_progress="hidden")
+        c.confirm_no.click(lambda: gr.Column(visible=False), None, [c.confirm_row], api_visibility="private",
+                           queue=False, show_progress="hidden")
+        after(c.confirm_yes.click(self.delete, [session], turn_out, api_name="delete", **quick))
         c.export_btn.click(self.export, [session], [c.export_file], api_name="export", **quick)
         after(c.import_btn.upload(self.import_conversation, [c.import_btn, session], [chatbot, session],
                                   api_name="import", **quick))

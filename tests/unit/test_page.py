@@ -111,6 +111,10 @@ def test_conversations_open_rename_delete_and_stay_private(page):
     with pytest.raises(gr.Error, match="does not exist"):
         page.open_conversation(first.conversation_id, ChatSession(), OTHER_TAB)
     assert page.list_conversations(ChatSession(), OTHER_TAB) == []
+    with pytest.raises(gr.Error, match="nothing to delete"):
+        page.ask_delete(ChatSession(), TAB)
+    question, text = page.ask_delete(opened, TAB)
+    assert question.visible and "My cat" in text.value and len(page.list_conversations(opened, TAB)) == 2
     chat, _, after = page.delete(opened, TAB)
     assert chat == [] and after.conversation_id is None
     assert [c["title"] for c in page.list_conversations(after, TAB)] == ["about the weather"]
@@ -157,7 +161,7 @@ def test_a_cut_reply_offers_continue_until_continued(page):
     page.service.settings = GenerationSettings(max_new_tokens=4, temperature=0)
     chats, session = send(page, ChatSession(), "tell me about the weather today")
     assert "cut short" in words(chats[-1][-1])
-    _, _, status, continue_btn, _, box = page.after_reply(session, TAB)
+    _, _, status, continue_btn, _, _, box = page.after_reply(session, TAB)
     assert continue_btn.visible and FINISHED in status.value and box.interactive
     before = words(chats[-1][-1]).split("\n")[0]
     updates = list(page.continue_reply(session, TAB))
