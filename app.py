@@ -84,16 +84,19 @@ def main(argv: list[str] | None = None) -> int:
 
     from chatbot.conversation.owners import persistent_secret
     from chatbot.web import security
-    from chatbot.web.page import build_ui
+    from chatbot.web.page import ChatPage
 
     # The secret that encrypts each browser's owner key must outlive restarts, or browsers lose their lists.
-    demo = build_ui(service, persistent_secret(config.data_dir / "browser-secret"), config.concurrency)
+    page = ChatPage(service, persistent_secret(config.data_dir / "browser-secret"), config.concurrency)
+    demo = page.build()
     demo.queue(default_concurrency_limit=1)
-    # Only the media folder is served (files named by their SHA-256); the database is not.
-    # The hardening middleware wraps every route: safe file headers, no URL fetching, login throttling.
+    logging.getLogger("app").info("Serving the chat on http://%s:%d/ (Ctrl+C stops it)", config.host, config.port)
+    # Only the media folder is served (files named by their SHA-256); the database is not. quiet: Gradio's
+    # own banner suggests share=True, a public tunnel this offline app never opens. The hardening
+    # middleware wraps every route: safe file headers, no URL fetching, login throttling.
     demo.launch(server_name=config.host, server_port=config.port, allowed_paths=[str(service.store.media_dir)],
-                auth=config.auth, show_error=False, max_file_size=int(config.max_upload_mb * 2**20),
-                app_kwargs={"middleware": security.middleware()})
+                auth=config.auth, show_error=False, quiet=True, max_file_size=int(config.max_upload_mb * 2**20),
+                app_kwargs={"middleware": security.middleware()}, **page.launch_options())
     return 0
 
 

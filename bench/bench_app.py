@@ -95,7 +95,7 @@ def server_timings() -> dict:
     from gradio_client import Client, handle_file
     from PIL import Image
 
-    from tests.support.server import AppServer
+    from harness.server import AppServer
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -69,15 +69,26 @@ def _read_auth_file(value: str) -> list[tuple[str, str]]:
     return [_user_password(line.strip()) for line in lines if line.strip() and not line.lstrip().startswith("#")]
 
 
+class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each setting's default, except where there is none (the help says what happens then)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is argparse.SUPPRESS:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
 def parse_args(argv: list[str] | None = None) -> Config:
     d = Config()
     p = argparse.ArgumentParser(
         prog="app.py", description="A multimodal chatbot in your browser: type, attach photos, speak. "
         "Runs offline on the CPU with bundled models; any Hugging Face model id can be chosen instead.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        epilog="Environment: CHATBOT_CACHE_DIR sets where the bundled weights are prepared on first use "
+        "(default: ~/.cache/multimodal-chatbot); XDG_DATA_HOME moves the default --data-dir.",
+        formatter_class=_HelpWithDefaults)
     net = p.add_argument_group("server")
     net.add_argument("--host", default=d.host, help="address to listen on (0.0.0.0 exposes it to your network)")
-    net.add_argument("--port", type=int, default=d.port)
+    net.add_argument("--port", type=int, default=d.port, help="port to serve the page and the API on")
     net.add_argument("--data-dir", type=Path, default=d.data_dir,
                      help="where conversations (an SQLite database) and their attachments are kept")
     net.add_argument("--auth", action="append", type=_user_password, metavar="USER:PASSWORD",
@@ -113,14 +124,19 @@ def parse_args(argv: list[str] | None = None) -> Config:
                         help="optional image captioning model, a Hugging Face id / folder "
                              "(e.g. Salesforce/blip-image-captioning-base)")
     gen = p.add_argument_group("generation")
-    gen.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
+    gen.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens,
+                     help="longest reply in tokens; a reply cut there is marked and can be continued")
     gen.add_argument("--temperature", type=float, default=d.temperature, help="0 for greedy decoding")
-    gen.add_argument("--top-p", type=float, default=d.top_p)
-    gen.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty)
+    gen.add_argument("--top-p", type=float, default=d.top_p,
+                     help="sample only from the most likely tokens that together reach this probability")
+    gen.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty,
+                     help="above 1 discourages repeating words already in the prompt or reply")
     gen.add_argument("--max-context", type=int, default=d.max_context,
                      help="token budget of prompt plus reply; older turns are condensed beyond it")
-    gen.add_argument("--threads", type=int, default=d.threads, help="CPU threads for the models")
-    gen.add_argument("--system-prompt", default=d.system_prompt, help="replace the default system prompt")
+    gen.add_argument("--threads", type=int, default=d.threads,
+                     help="CPU threads for the models (default: as many as torch chooses, usually all cores)")
+    gen.add_argument("--system-prompt", default=d.system_prompt,
+                     help="replace the default system prompt (default: a short helpful-assistant prompt)")
     args = p.parse_args(argv)
     if args.concurrency < 1:
         p.error("--concurrency must be at least 1")

@@ -101,6 +101,7 @@ class Turn:
     id: str = field(default_factory=new_id)
     created: float = field(default_factory=time.time)
     interrupted: bool = False  # an assistant reply stopped before it finished
+    cut: bool = False  # an assistant reply that reached the token limit (max_new_tokens); it can be continued
     notice: bool = False  # shown in the chat but never sent to the model (e.g. a rejected upload)
 
     def __post_init__(self) -> None:
@@ -175,9 +176,9 @@ class Conversation:
         return turn
 
     def add_assistant_turn(self, text: str, interrupted: bool = False,
-                           attachments: list[Attachment] = ()) -> Turn:
+                           attachments: list[Attachment] = (), cut: bool = False) -> Turn:
         """Append a reply; its media (e.g. the reply spoken) are numbered apart from the user's."""
-        turn = Turn(role=Role.ASSISTANT, text=text, interrupted=interrupted, attachments=list(attachments))
+        turn = Turn(role=Role.ASSISTANT, text=text, interrupted=interrupted, attachments=list(attachments), cut=cut)
         self._number(turn, Role.ASSISTANT, _ASSISTANT_LABEL)
         self.turns.append(turn)
         return turn

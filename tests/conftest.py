@@ -38,7 +38,7 @@ def tiny_causal_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def app_server(tmp_path_factory):
     """The real app (bundled models) served on a free local port, shared by API and browser tests."""
-    from tests.support.server import AppServer
+    from harness.server import AppServer
 
     with AppServer(tmp_path_factory.mktemp("app-data")) as server:
         yield server

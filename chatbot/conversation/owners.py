@@ -63,3 +63,4 @@ class ChatSession:
 
     owner: str = ""
     conversation_id: str | None = None
+    title: str = ""  # a name given to a new chat before its first message (stored with that message)

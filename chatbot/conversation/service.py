@@ -25,7 +25,7 @@ from chatbot.conversation.store import (
     ConversationSummary,
 )
 from chatbot.errors import UserFacingError
-from chatbot.generation.base import GenerationSettings, ReplyGenerator
+from chatbot.generation.base import FinishReason, GenerationSettings, ReplyGenerator
 from chatbot.perception.encoder import MultimodalEncoder
 from chatbot.state import Conversation, Role, Turn
 
@@ -34,6 +34,14 @@ log = logging.getLogger(__name__)
 SORRY = "Sorry, something went wrong on my side while answering. Your conversation is safe; please try again."
 MAX_TITLE_LENGTH = 120
 NOTICE_TEXT_CHARS, NOTICE_FILES, NOTICE_NAME_CHARS = 500, 5, 120  # how much of a refused message is kept
+
+
+def clean_title(title: str | None) -> str:
+    """A title on one line, not too long; UserFacingError if nothing is left."""
+    title = " ".join((title or "").split())[:MAX_TITLE_LENGTH]
+    if not title:
+        raise UserFacingError("A conversation needs a title; type one first.")
+    return title
 
 
 @dataclass
@@ -81,10 +89,7 @@ class ChatService:
         return self.store.list(owner)
 
     def rename(self, owner: str, conv_id: str, title: str) -> None:
-        title = " ".join((title or "").split())[:MAX_TITLE_LENGTH]
-        if not title:
-            raise UserFacingError("A conversation needs a title; type one first.")
-        self.store.rename(owner, conv_id, title)
+        self.store.rename(owner, conv_id, clean_title(title))
 
     def delete(self, owner: str, conv_id: str) -> bool:
         self.stop(owner, conv_id)
@@ -154,6 +159,20 @@ class ChatService:
         yield ""
         yield from self._reply(owner, conv, settings or self.settings)
 
+    def continue_reply(self, owner: str, conv: Conversation,
+                       settings: GenerationSettings | None = None) -> Iterator[str]:
+        """Extend the last reply (one cut at the token limit, or stopped) where it ended; yields the whole reply."""
+        last = conv.turns[-1] if conv.turns else None
+        if last is None or last.role is not Role.ASSISTANT or last.notice or not (last.cut or last.interrupted):
+            raise UserFacingError("There is no unfinished reply to continue.")
+        yield last.text
+        yield from self._reply(owner, conv, settings or self.settings, continuing=last)
+
+    def replies_running(self) -> int:
+        """How many replies are being written now (for a page to tell a new message it must wait)."""
+        with self._lock:
+            return len(self._running)
+
     def undo(self, owner: str, conv: Conversation) -> bool:
         """Remove the last exchange (the last user turn and what followed it)."""
         last = self._last_user_turn(conv)
@@ -186,17 +205,30 @@ class ChatService:
             self.stop(session.owner, session.conversation_id)
 
     # -- internals ------------------------------------------------------------------------
-    def _reply(self, owner: str, conv: Conversation, settings: GenerationSettings) -> Iterator[str]:
+    def _reply(self, owner: str, conv: Conversation, settings: GenerationSettings,
+               continuing: Turn | None = None) -> Iterator[str]:
+        """Stream a new reply, or more of `continuing` (the last turn), and record it when it ends."""
         running = _RunningReply(owner)
         with self._lock:
             self._running[conv.id] = running
+        before = continuing.text if continuing else ""
         reply = ""
         failed = finished = False
+        finish: FinishReason | None = None
         try:
             messages = conv.render(self.generator.count_tokens, self.generator.prompt_budget(settings))
-            for piece in self.generator.stream(messages, settings, running.stop):
-                reply += piece
-                yield reply
+            pieces = self.generator.stream(messages, settings, running.stop)
+            try:
+                while True:
+                    try:
+                        piece = next(pieces)
+                    except StopIteration as end:
+                        finish = end.value
+                        break
+                    reply += piece
+                    yield before + reply
+            finally:
+                pieces.close()  # also when our consumer went away: the backend frees the CPU at once
             finished = True
         except Exception:  # noqa: BLE001
             log.exception("Generating a reply failed")
@@ -206,23 +238,44 @@ class ChatService:
             with self._lock:
                 if self._running.get(conv.id) is running:
                     del self._running[conv.id]
-            position = len(conv.turns)
-            if reply.strip() or not failed:
-                conv.add_assistant_turn(reply.strip(), interrupted=running.stop.is_set() or not finished)
-            if failed:
-                conv.turns.append(Turn(role=Role.ASSISTANT, text=SORRY, notice=True))
-            try:
-                if not self.store.append(owner, conv.id, position, conv.turns[position:]):
-                    log.info("Conversation %s changed while replying; the reply was not kept", conv.id)
-            except Exception:  # noqa: BLE001 - the reply is shown; its loss is logged
-                log.exception("Saving the reply failed")
+            interrupted = running.stop.is_set() or not finished
+            cut = finish is FinishReason.LENGTH and not interrupted
+            self._record(owner, conv, before, reply, failed, interrupted, cut, continuing)
         if failed:
-            yield reply
+            yield before + reply
         elif finished:
             # While the user reads and types, read the window the next turns will move to (if near).
             ahead = conv.render_ahead(self.generator.count_tokens, self.generator.prompt_budget(settings))
             if ahead:
                 self.generator.prefill(ahead)
+
+    def _record(self, owner: str, conv: Conversation, before: str, reply: str, failed: bool, interrupted: bool,
+                cut: bool, continuing: Turn | None) -> None:
+        """Put the ended reply into `conv` and the store (unless the stored conversation moved on meanwhile)."""
+        try:
+            if continuing is not None:
+                position = len(conv.turns) - 1  # the continued reply is the last turn
+                if reply.strip():
+                    continuing.text = (before + reply).strip()
+                    continuing.interrupted, continuing.cut = interrupted, cut
+                elif not (failed or interrupted):  # the model had nothing to add: the reply is complete
+                    continuing.interrupted = continuing.cut = False
+                if failed:
+                    conv.turns.append(Turn(role=Role.ASSISTANT, text=SORRY, notice=True))
+                kept = self.store.replace_last(owner, conv.id, position, continuing)
+                if kept and failed:
+                    kept = self.store.append(owner, conv.id, position + 1, conv.turns[position + 1:])
+            else:
+                position = len(conv.turns)
+                if reply.strip() or not failed:
+                    conv.add_assistant_turn(reply.strip(), interrupted=interrupted, cut=cut)
+                if failed:
+                    conv.turns.append(Turn(role=Role.ASSISTANT, text=SORRY, notice=True))
+                kept = self.store.append(owner, conv.id, position, conv.turns[position:])
+            if not kept:
+                log.info("Conversation %s changed while replying; the reply was not kept", conv.id)
+        except Exception:  # noqa: BLE001 - the reply is shown; its loss is logged
+            log.exception("Saving the reply failed")
 
     def _save(self, owner: str, conv: Conversation) -> None:
         if conv.turns:

@@ -38,8 +38,11 @@ from chatbot.state import (
     Turn,
 )
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 EXPORT_FORMAT = "multimodal-chatbot/conversation"
+EXPORT_VERSIONS = (1, 2)  # version 1 exports lack `cut` (which defaults to false)
+# Steps from each older schema version to the next.
+_MIGRATIONS = {1: ["ALTER TABLE turns ADD COLUMN cut INTEGER NOT NULL DEFAULT 0"]}
 
 _SCHEMA = """
 CREATE TABLE conversations (
@@ -61,6 +64,7 @@ CREATE TABLE turns (
     created         REAL NOT NULL,
     interrupted     INTEGER NOT NULL DEFAULT 0,
     notice          INTEGER NOT NULL DEFAULT 0,
+    cut             INTEGER NOT NULL DEFAULT 0,
     UNIQUE (conversation_id, position)
 );
 CREATE TABLE attachments (
@@ -154,7 +158,12 @@ class ConversationStore:
                 for statement in filter(str.strip, _SCHEMA.split(";")):
                     self._db.execute(statement)
                 self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            elif version != SCHEMA_VERSION:
+            while version in _MIGRATIONS:
+                for statement in _MIGRATIONS[version]:
+                    self._db.execute(statement)
+                version += 1
+                self._db.execute(f"PRAGMA user_version = {version}")
+            if version not in (0, SCHEMA_VERSION):
                 raise UserFacingError(f"{self.path} has schema version {version}; this app reads version "
                                       f"{SCHEMA_VERSION}. Use a matching app version or another --data-dir.")
 
@@ -208,6 +217,24 @@ class ConversationStore:
             self._db.execute("UPDATE conversations SET updated = ? WHERE id = ?", (time.time(), conv_id))
             return True
 
+    def replace_last(self, owner: str, conv_id: str, position: int, turn: Turn) -> bool:
+        """Put `turn` (a continued reply) in place of the stored last turn if that is still `turn.id` at `position`.
+
+        False (nothing written) when the conversation changed meanwhile, as for `append`.
+        """
+        with self._transaction():
+            row = self._db.execute(
+                "SELECT t.id FROM turns t JOIN conversations c ON c.id = t.conversation_id"
+                " WHERE c.id = ? AND c.owner = ? AND t.position = ?"
+                " AND t.position = (SELECT max(position) FROM turns WHERE conversation_id = c.id)",
+                (conv_id, owner, position)).fetchone()
+            if row is None or row["id"] != turn.id:
+                return False
+            self._db.execute("DELETE FROM turns WHERE conversation_id = ? AND position = ?", (conv_id, position))
+            self._insert_turn(conv_id, position, turn)
+            self._db.execute("UPDATE conversations SET updated = ? WHERE id = ?", (time.time(), conv_id))
+            return True
+
     def load(self, owner: str, conv_id: str) -> Conversation:
         with self._lock:
             row = self._db.execute("SELECT * FROM conversations WHERE id = ? AND owner = ?",
@@ -222,7 +249,7 @@ class ConversationStore:
         return Conversation(
             id=row["id"], title=row["title"], system_prompt=row["system_prompt"], created=row["created"],
             turns=[Turn(role=Role(t["role"]), text=t["text"], id=t["id"], created=t["created"],
-                        interrupted=bool(t["interrupted"]), notice=bool(t["notice"]),
+                        interrupted=bool(t["interrupted"]), notice=bool(t["notice"]), cut=bool(t["cut"]),
                         attachments=[Attachment(kind=a["kind"], path=str(self.data_dir / a["path"]),
                                                 sha256=a["sha256"], name=a["name"], label=a["label"])
                                      for a in attachments.get(t["key"], [])],
@@ -413,10 +440,10 @@ class ConversationStore:
 
     def _insert_turn(self, conv_id: str, position: int, turn: Turn) -> None:
         key = self._db.execute(
-            "INSERT INTO turns (conversation_id, position, id, role, text, created, interrupted, notice)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO turns (conversation_id, position, id, role, text, created, interrupted, notice, cut)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (conv_id, position, turn.id, turn.role.value, turn.text, turn.created, int(turn.interrupted),
-             int(turn.notice))).lastrowid
+             int(turn.notice), int(turn.cut))).lastrowid
         self._db.executemany(
             "INSERT INTO attachments (turn_key, position, kind, path, sha256, name, label) VALUES (?, ?, ?, ?, ?, ?, ?)",
             [(key, i, a.kind.value, self._relative(Path(a.path)), a.sha256, a.name, a.label)
@@ -455,7 +482,7 @@ def _parse_export(text: str) -> tuple[Conversation, dict[str, str]]:
         raise UserFacingError(f"That file is not a conversation exported from this app ({error}).") from None
     try:
         document = _dict(document, "the file")
-        if document.get("format") != EXPORT_FORMAT or document.get("version") != SCHEMA_VERSION:
+        if document.get("format") != EXPORT_FORMAT or document.get("version") not in EXPORT_VERSIONS:
             raise _Invalid("it is not an exported conversation of this app's version")
         data = _dict(document.get("conversation"), "conversation")
         files = _dict(document.get("files", {}) or {}, "files")
@@ -485,7 +512,8 @@ def _turn(data: dict, where: str) -> Turn:
                 attachments=attachments, observations=observations,
                 created=_time(data.get("created", time.time()), f"{where} created"),
                 interrupted=_flag(data.get("interrupted", False), f"{where} interrupted"),
-                notice=_flag(data.get("notice", False), f"{where} notice"))
+                notice=_flag(data.get("notice", False), f"{where} notice"),
+                cut=_flag(data.get("cut", False), f"{where} cut"))
 
 
 def _attachment(data: dict, where: str) -> Attachment:

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import importlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Generator
 from concurrent.futures import Future
 from dataclasses import dataclass
+from enum import Enum
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from chatbot.state import Message
@@ -42,6 +43,13 @@ class GenerationSettings:
         return kwargs
 
 
+class FinishReason(str, Enum):
+    """Why a reply ended; `stream` returns it as its generator's value (None: the backend cannot tell)."""
+
+    STOP = "stop"  # the model ended it (or the caller's stop event did)
+    LENGTH = "length"  # it reached max_new_tokens: the reply is cut and may be continued
+
+
 @runtime_checkable
 class ReplyGenerator(Protocol):
     """A loaded language model that streams replies to a list of messages."""
@@ -56,8 +64,12 @@ class ReplyGenerator(Protocol):
         """How many tokens the rendered conversation may take, leaving room for the reply."""
 
     def stream(self, messages: list[Message], settings: GenerationSettings,
-               stop: threading.Event | None = None) -> Iterator[str]:
-        """Yield the reply in pieces as it is generated; setting `stop` ends it at the next token."""
+               stop: threading.Event | None = None) -> Generator[str, None, FinishReason | None]:
+        """Yield the reply in pieces as it is generated; setting `stop` ends it at the next token.
+
+        When `messages` end with an assistant message, continue that message (no new reply header).
+        Return the FinishReason (the generator's return value).
+        """
 
     def prefill(self, messages: list[Message]) -> Future:
         """Start reading a prompt prefix ahead of time (backends without a cache do nothing)."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -30,7 +30,7 @@ from transformers import (
 from chatbot import weights
 from chatbot.errors import UserFacingError
 from chatbot.generation import decode_step
-from chatbot.generation.base import GenerationSettings, done, prompt_budget
+from chatbot.generation.base import FinishReason, GenerationSettings, done, prompt_budget
 from chatbot.generation.prefix_cache import PrefixCache
 from chatbot.generation.quantize import quantize
 from chatbot.state import Message, Role
@@ -106,13 +106,14 @@ class TransformersGenerator(ABC):
         """Tokenised model inputs for `messages` (batch of one)."""
 
     def stream(self, messages: list[Message], settings: GenerationSettings,
-               stop: threading.Event | None = None) -> Iterator[str]:
-        """Yield the reply in pieces as it is generated; setting `stop` ends it early."""
+               stop: threading.Event | None = None) -> Generator[str, None, FinishReason]:
+        """Yield the reply in pieces as it is generated; setting `stop` ends it early. Returns why it ended."""
         stop = stop or threading.Event()
         abandoned = threading.Event()  # our own signal, so the caller's `stop` keeps meaning "user asked"
         inputs = self.encode_prompt(messages)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         failure: list[BaseException] = []
+        generated: list[int] = []  # new tokens, for the finish reason
 
         def stopped() -> bool:
             return stop.is_set() or abandoned.is_set()
@@ -137,6 +138,7 @@ class TransformersGenerator(ABC):
                             stopping_criteria=StoppingCriteriaList([_StopOnEvent(stop, abandoned)]),
                             pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
                             **({"past_key_values": cache} if cache is not None else {}))
+                        generated.append(self._new_tokens(inputs, sequences))
                         if cache is not None:
                             self.prefix_cache.put(sequences[0], cache)
             except BaseException as error:  # noqa: BLE001 - surfaced in the consumer's thread below
@@ -156,6 +158,12 @@ class TransformersGenerator(ABC):
             worker.result()
         if failure:
             raise failure[0]
+        cut = generated and generated[0] >= settings.max_new_tokens and not stop.is_set()
+        return FinishReason.LENGTH if cut else FinishReason.STOP
+
+    @staticmethod
+    def _new_tokens(inputs: dict[str, torch.Tensor], sequences: torch.Tensor) -> int:
+        return sequences.shape[1] - inputs["input_ids"].shape[1]
 
     def _read(self, ids: torch.Tensor, cache, keep_going: Callable[[], bool]) -> None:
         """Extend `cache` over `ids` chunk by chunk while `keep_going()` (call under the lock, on the model thread)."""
@@ -196,8 +204,10 @@ class CausalChatGenerator(TransformersGenerator):
                 self.prefix_cache.put(ids, cache)
 
     def encode_prompt(self, messages: list[Message]) -> dict[str, torch.Tensor]:
-        return self.tokenizer.apply_chat_template(_chat(messages), add_generation_prompt=True, return_dict=True,
-                                                  return_tensors="pt")
+        # A trailing assistant message is a reply to continue: no new reply header after it.
+        more = bool(messages) and messages[-1].role is Role.ASSISTANT
+        return self.tokenizer.apply_chat_template(_chat(messages), add_generation_prompt=not more,
+                                                  continue_final_message=more, return_dict=True, return_tensors="pt")
 
 
 def _log_failure(work: Future) -> None:
@@ -217,8 +227,13 @@ class Seq2SeqGenerator(TransformersGenerator):
 
     def encode_prompt(self, messages: list[Message]) -> dict[str, torch.Tensor]:
         lines = [m.content if m.role is Role.SYSTEM else f"{self._SPEAKER[m.role]}: {m.content}" for m in messages]
-        prompt = "\n".join(lines + ["Assistant:"])
+        more = bool(messages) and messages[-1].role is Role.ASSISTANT  # a reply to continue
+        prompt = "\n".join(lines if more else lines + ["Assistant:"])
         return self.tokenizer(prompt, return_tensors="pt", truncation=True, max_length=self.context_tokens)
+
+    @staticmethod
+    def _new_tokens(inputs: dict[str, torch.Tensor], sequences: torch.Tensor) -> int:
+        return sequences.shape[1] - 1  # the decoder's output starts with its start token
 
 
 def load_generator(spec: str, *, quantization: str = "none", max_context: int = 2048) -> TransformersGenerator:

@@ -14,9 +14,9 @@ from gradio_client import Client, handle_file
 from gradio_client.utils import Status
 from playwright.sync_api import expect
 
+from harness.server import AppServer
 from tests.support.drivers import api_send as send
 from tests.support.drivers import browser_send, files_of, open_page, text_of
-from tests.support.server import AppServer
 
 ROOT = Path(__file__).resolve().parents[2]
 SIGN = ROOT / "assets" / "examples" / "sign.png"

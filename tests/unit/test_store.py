@@ -46,7 +46,7 @@ def sample(store: ConversationStore) -> Conversation:
                     media_file(store, b"RIFF\x00\x00\x00\x00WAVE fake wav", ".wav"))
     conv.add_user_turn(Turn(role=Role.USER, text="What does the sign say? 🙂", attachments=[photo],
                             observations=[Observation("ocr", 'text in the photo: "OPEN"', photo.sha256, "ocr")]))
-    conv.add_assistant_turn("It says OPEN.")
+    conv.add_assistant_turn("It says OPEN. It also", cut=True)
     conv.add_user_turn(Turn(role=Role.USER, attachments=[voice],
                             observations=[Observation("transcript", "what is the capital of France",
                                                       voice.sha256, "whisper")]))
@@ -58,7 +58,7 @@ def sample(store: ConversationStore) -> Conversation:
 def test_database_uses_wal_foreign_keys_and_a_schema_version(store):
     db = sqlite3.connect(store.path)
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert db.execute("PRAGMA user_version").fetchone()[0] == 1
+    assert db.execute("PRAGMA user_version").fetchone()[0] == 2
     assert {"conversations", "turns", "attachments", "observations"} <= {
         r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     assert store._db.execute("PRAGMA foreign_keys").fetchone()[0] == 1
@@ -83,6 +83,45 @@ def test_attachment_paths_are_stored_relative_so_the_data_dir_can_move(store, tm
     moved = shutil.move(store.data_dir, tmp_path / "moved")
     loaded = ConversationStore(moved).load(ANA, conv.id)
     assert all(a.path.startswith(str(moved)) and open(a.path, "rb").read() for a in loaded.attachments())
+
+
+def test_a_version_1_database_is_migrated_in_place(store):
+    conv = sample(store)
+    store.save(ANA, conv)
+    store.close()
+    db = sqlite3.connect(store.path)
+    db.execute("ALTER TABLE turns DROP COLUMN cut")  # the version 1 layout
+    db.execute("PRAGMA user_version = 1")
+    db.commit()
+    db.close()
+    reopened = ConversationStore(store.data_dir)
+    loaded = reopened.load(ANA, conv.id)
+    assert [t.text for t in loaded.turns] == [t.text for t in conv.turns] and not any(t.cut for t in loaded.turns)
+    reopened.save(ANA, conv)
+    assert reopened.load(ANA, conv.id) == conv
+
+
+def test_a_version_1_export_still_imports(store):
+    conv = sample(store)
+    store.save(ANA, conv)
+    document = json.loads(store.export_json(ANA, conv.id))
+    document["version"] = 1
+    for turn in document["conversation"]["turns"]:
+        del turn["cut"]
+    imported = store.import_json(BEN, json.dumps(document))
+    assert [t.text for t in imported.turns] == [t.text for t in conv.turns]
+
+
+def test_replace_last_only_replaces_an_unchanged_last_turn(store):
+    conv = sample(store)
+    store.save(ANA, conv)
+    last = conv.turns[-1]
+    longer = Turn(role=Role.ASSISTANT, text="a longer notice", id=last.id, notice=True)
+    assert not store.replace_last(BEN, conv.id, len(conv.turns) - 1, longer)  # not Ben's
+    assert not store.replace_last(ANA, conv.id, len(conv.turns) - 2, longer)  # not the last turn
+    assert not store.replace_last(ANA, conv.id, len(conv.turns) - 1, Turn(role=Role.ASSISTANT, text="other"))
+    assert store.replace_last(ANA, conv.id, len(conv.turns) - 1, longer)
+    assert store.load(ANA, conv.id).turns[-1] == longer and len(store.load(ANA, conv.id).turns) == len(conv.turns)
 
 
 def test_each_owner_sees_only_their_own(store):
