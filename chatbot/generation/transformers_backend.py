@@ -32,7 +32,7 @@ from chatbot.errors import UserFacingError
 from chatbot.generation import decode_step
 from chatbot.generation.base import FinishReason, GenerationSettings, done, prompt_budget
 from chatbot.generation.prefix_cache import PrefixCache
-from chatbot.generation.quantize import quantize
+from chatbot.generation.quantize import load_quantized, quantize, save_quantized
 from chatbot.state import Message, Role
 
 log = logging.getLogger(__name__)
@@ -250,8 +250,11 @@ def _load_generator(spec: str, quantization: str, max_context: int) -> Transform
         config = AutoConfig.from_pretrained(path)
         tokenizer = AutoTokenizer.from_pretrained(path)
         backend = Seq2SeqGenerator if config.is_encoder_decoder else CausalChatGenerator
-        auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
-        model = auto.from_pretrained(path, dtype=torch.float32)
+        if spec in weights.CHAT_MODELS and quantization != "none":
+            model = load_bundled(spec, quantization)
+        else:
+            auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+            model = quantize(auto.from_pretrained(path, dtype=torch.float32), quantization)
     except Exception as error:  # noqa: BLE001 - any loading failure gets the same clear message
         hint = "" if Path(spec).exists() or spec in weights.CHAT_MODELS else (
             " (not a local folder; downloading it from the Hugging Face hub needs internet access)")
@@ -259,9 +262,24 @@ def _load_generator(spec: str, quantization: str, max_context: int) -> Transform
     if backend is CausalChatGenerator and not tokenizer.chat_template:
         raise UserFacingError(f"The text model '{spec}' is a causal model without a chat template; "
                               "choose an instruction-tuned (chat) model")
-    model = quantize(model, quantization)
     if backend is CausalChatGenerator and decode_step.attach(model):
         log.info("Decoding steps use the lean one-token pass")
     limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or max_context
     log.info("Loaded text model %s (%s, %s)", spec, backend.__name__, quantization)
     return backend(spec, model, tokenizer, min(max_context, limit))
+
+
+def load_bundled(key: str, mode: str):
+    """A bundled chat model, quantized with `mode`, from its quantized checkpoint (made at the first start).
+
+    Later starts build no fp32 weights at all: the packed tensors are mapped from the cache.
+    """
+    bundled = weights.CHAT_MODELS[key]
+
+    def build(folder: Path) -> None:
+        log.info("Quantizing %s to %s once (the quantized checkpoint is kept in the cache) ...", key, mode)
+        fp32 = AutoModelForCausalLM.from_pretrained(bundled.checkpoint_dir(), dtype=torch.float32)
+        save_quantized(quantize(fp32.eval(), mode), folder)
+
+    # The int4 packing is the CPU kernel's own layout: a torch release may change it, so its version names the folder.
+    return load_quantized(bundled.quantized_dir(mode, build, f"torch{torch.__version__.split('+')[0]}"))
