@@ -136,7 +136,7 @@ def _item_line(item: Item, full: bool) -> str:
 
 
 # -- facts ------------------------------------------------------------------------------------------
-_FIRST_PERSON = re.compile(r"\b(i|i'm|i've|i'd|my|me|mine|our|ours|we|we're|us|myself)\b", re.I)
+_FIRST_PERSON = re.compile(r"\b(i|my|me|mine|our|ours|we|us|myself)\b", re.I)
 # Sentences that ask or instruct rather than tell.
 _REQUEST = re.compile(r"^\s*(please|can|could|would|will|should|shall|do|does|did|is|are|was|were|what|how|why|"
                       r"where|when|who|whom|which|tell|give|help|show|look|see|check|let|suggest|recommend|"
@@ -169,13 +169,12 @@ def _sentences(text: str) -> list[str]:
 
 def _second_person(sentence: str) -> str:
     def swap(match: re.Match) -> str:
-        word = match.group(0)
-        new = _SWAPS[word.lower()]
-        return new.capitalize() if word[0].isupper() and word.lower() != "i" else new
+        return _SWAPS[match.group(0).lower()]  # the sentence's first letter is capitalised below
 
     # "am"/"was" only change after "I" ("I am" -> "you are"; "the bus was late" stays).
     text = re.sub(r"\bI (am|was)\b", lambda m: "you " + _SWAPS[m.group(1)], sentence)
-    text = re.sub(r"\b(i|i'm|i've|i'd|i'll|my|me|mine|our|ours|we|we're|us|myself)\b", swap, text, flags=re.I)
+    text = re.sub(r"\b(i'm|i've|i'd|i'll|i|myself|mine|my|me|ours|our|we're|we|us)\b", swap, text.replace("’", "'"),
+                  flags=re.I)
     text = text.rstrip(".!")
     return text[:1].upper() + text[1:] + "."
 

@@ -347,9 +347,10 @@ _MESSAGE_OVERHEAD = 6
 def _history_budget(budget: int) -> int:
     """The part of a prompt budget for the system prompt and the history; the rest is the tracked state's.
 
-    A fixed share, so where the window starts does not move with the state's size.
+    A fixed share, so where the window starts does not move with the state's size; small budgets
+    still leave the state room for a few facts.
     """
-    return budget - budget // 6
+    return budget - max(budget // 6, min(128, budget // 3))
 
 
 def _enum_value(value):
