@@ -24,6 +24,9 @@ DEFAULT_SYSTEM_PROMPT = (
     "in square brackets (text read from a photo, what was detected in it, a transcript of "
     "speech). Use those notes and everything said earlier in the conversation. When the user mentions a photo or "
     "recording, find it in the bracketed notes of earlier messages and answer from them. Answer briefly."
+    # The tracked state (chatbot.memory) comes in a "[Notes for you ...]" block in the newest message.
+    " The [Notes for you] before the user's message list what the user told you earlier, in your words to "
+    "them: answer questions about the user from them, and call the user \"you\"."
 )
 
 

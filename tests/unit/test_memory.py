@@ -61,7 +61,7 @@ def test_the_state_is_rendered_in_the_newest_message_and_the_history_before_it_s
     assert first[-1].content.startswith("[Notes for you")
     assert "Your daughter's name is Matilda and she is seven." in first[-1].content
     assert first[-1].content.endswith("What is my daughter's name?")
-    assert all("Notes for you" not in m.content for m in first[:-1])
+    assert all("Your daughter" not in m.content for m in first[:-1])
     conv.add_assistant_turn("Matilda.")
     conv.add_user_turn(Turn(role=Role.USER, text="And how old is she?"))
     second = conv.render(words, 2000)
