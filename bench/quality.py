@@ -14,7 +14,7 @@ Each bundled model x quantization x generation setting is one row:
   mid-sentence (they reached the token limit and do not end a sentence), over every reply;
 - generation speed, and what building the prompt (rendering, tracked state, retrieval) costs per turn.
 
-The service is built by the app's own `build_service` (all models, the app's defaults) in a temporary
+Every turn but the long set's is capped at 64 new tokens (a sentence or two is asked for). The service is built by the app's own `build_service` (all models, the app's defaults) in a temporary
 data folder. Probes are asked on copies of the conversation, so asking does not remind the model.
 Sampling settings are seeded. Writes bench/results/quality-*.json and prints a markdown table.
 """
@@ -98,6 +98,7 @@ MEDIA_PROBES = {
     ],
 }
 MEDIA_LATER = 10
+SHORT_TOKENS = 64  # the reply limit of every turn but the long set's
 
 # (question, must match, must not match)
 FACTS = [
@@ -173,13 +174,19 @@ class Reply:
 class Runner:
     def __init__(self, service, settings, seed: int = 0):
         self.service, self.settings, self.seed = service, settings, seed
+        # Most turns need a sentence or two; capping them keeps a row to minutes on a shared 2-core machine.
+        short = {"max_new_tokens": min(settings.max_new_tokens, SHORT_TOKENS)}
+        if hasattr(settings, "sentence_tail"):
+            short["sentence_tail"] = min(settings.sentence_tail, SHORT_TOKENS // 4)
+        self.short = replace(settings, **short)
         self.replies: list[Reply] = []
 
-    def ask(self, conv, text: str, files=(), task: str = "filler", settings=None) -> Reply:
+    def ask(self, conv, text: str, files=(), task: str = "filler", short: bool = True) -> Reply:
+        """A turn through the service; `short` caps the reply (the long set alone uses the full limit)."""
         import torch
 
         torch.manual_seed(self.seed)
-        settings = settings or self.settings
+        settings = self.short if short else self.settings
         service, generator = self.service, self.service.generator
         start = time.perf_counter()
         first = None
@@ -259,7 +266,7 @@ def run_scripts(runner: Runner) -> dict:
         hits.append(language_of(r.text) == lang)
     result["language"] = sum(hits) / len(hits)
     for question in LONG:
-        runner.ask(service.new_conversation(), question, task="long")
+        runner.ask(service.new_conversation(), question, task="long", short=False)
     return result
 
 

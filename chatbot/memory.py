@@ -99,7 +99,7 @@ class TrackedState:
 
 
 # Condensed-out messages recalled per turn: each costs prompt time at every turn.
-MAX_RECALLED = 3
+MAX_RECALLED = 2
 
 
 def _wrap(lines: list[str]) -> str:
