@@ -14,7 +14,8 @@ Each bundled model x quantization x generation setting is one row:
   mid-sentence (they reached the token limit and do not end a sentence), over every reply;
 - generation speed, and what building the prompt (rendering, tracked state, retrieval) costs per turn.
 
-Every turn but the long set's is capped at 64 new tokens (a sentence or two is asked for). The service is built by the app's own `build_service` (all models, the app's defaults) in a temporary
+Every turn but the long set's is capped at 64 new tokens (a sentence or two is asked for).
+The service is built by the app's own `build_service` (all models, the app's defaults) in a temporary
 data folder. Probes are asked on copies of the conversation, so asking does not remind the model.
 Sampling settings are seeded. Writes bench/results/quality-*.json and prints a markdown table.
 """
@@ -224,9 +225,22 @@ def _prompt(service, conv, settings):
     return conv.render(service.generator.count_tokens, service.generator.prompt_budget(settings))
 
 
-def run_scripts(runner: Runner) -> dict:
-    service = runner.service
+PARTS = ("recall", "media", "single")
+
+
+def run_scripts(runner: Runner, parts=PARTS) -> dict:
     result: dict = {}
+    if "recall" in parts:
+        _recall(runner, result)
+    if "media" in parts:
+        _media(runner, result)
+    if "single" in parts:
+        _single(runner, result)
+    return result
+
+
+def _recall(runner: Runner, result: dict) -> None:
+    service = runner.service
     # Facts after 3, 10, 25 turns.
     conv = service.new_conversation()
     recall, perspective = {}, []
@@ -242,6 +256,10 @@ def run_scripts(runner: Runner) -> dict:
             recall[i + 1] = sum(hits) / len(hits)
     result["recall"] = recall
     result["perspective"] = sum(perspective) / len(perspective)
+
+
+def _media(runner: Runner, result: dict) -> None:
+    service = runner.service
     # A photo and a voice message, asked about 10 turns later.
     conv = service.new_conversation()
     runner.ask(conv, "Look at this sign I saw today.", [PHOTO], task="photo-turn")
@@ -254,6 +272,10 @@ def run_scripts(runner: Runner) -> dict:
             r = runner.probe(conv, question, kind)
             scores.append(sum(w in r.text.lower() for w in words) / len(words))
         result[kind] = sum(scores) / len(scores)
+
+
+def _single(runner: Runner, result: dict) -> None:
+    service = runner.service
     # Single-turn sets, each in a fresh conversation.
     hits = []
     for question, good, bad in FACTS:
@@ -267,7 +289,6 @@ def run_scripts(runner: Runner) -> dict:
     result["language"] = sum(hits) / len(hits)
     for question in LONG:
         runner.ask(service.new_conversation(), question, task="long", short=False)
-    return result
 
 
 def summarise(result: dict, replies: list[Reply]) -> dict:
@@ -294,7 +315,7 @@ def summarise(result: dict, replies: list[Reply]) -> dict:
 SETTINGS = {"app": {}, "greedy": {"temperature": 0.0}, "sampling": {"temperature": 0.7, "top_p": 0.9}}
 
 
-def run(model: str, quantize: str, setting_names: list[str], label: str) -> list[dict]:
+def run(model: str, quantize: str, setting_names: list[str], label: str, parts=PARTS) -> list[dict]:
     import app
     from chatbot.config import Config
 
@@ -307,7 +328,7 @@ def run(model: str, quantize: str, setting_names: list[str], label: str) -> list
             settings = replace(service.settings, **SETTINGS[name])
             runner = Runner(service, settings)
             started = time.perf_counter()
-            result = run_scripts(runner)
+            result = run_scripts(runner, parts)
             row = {"model": model, "quantize": quantize, "setting": name, "label": label, "commit": _commit(),
                    "settings": settings.__dict__, "minutes": (time.perf_counter() - started) / 60,
                    **summarise(result, runner.replies)}
@@ -333,9 +354,12 @@ def table(rows: list[dict]) -> str:
             "| perspective | repeated 4-grams (long replies) | cut mid-sentence (unmarked) / replies | tok/s "
             "| prompt ms (median / max) |\n|" + " --- |" * 14)
     lines = [head]
-    pct = "{:.0%}".format
+    def pct(value) -> str:
+        return "–" if value is None else f"{value:.0%}"
+
     for r in rows:
-        rec = " / ".join(pct(r["recall"][k]) for k in sorted(r["recall"], key=int))
+        r = {k: r.get(k) for k in ("photo", "voice", "facts", "language", "perspective")} | r  # parts not run: –
+        rec = " / ".join(pct(v) for _, v in sorted((r.get("recall") or {}).items(), key=lambda kv: int(kv[0])))
         lines.append(
             f"| {r['model']} | {r['quantize']} | {r['setting']} | {r['label']} ({r['commit']}) | {rec} "
             f"| {pct(r['photo'])} | {pct(r['voice'])} | {pct(r['facts'])} | {pct(r['language'])} "
@@ -351,11 +375,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--quantize", default="int4", help="comma-separated quantize modes")
     p.add_argument("--settings", default="app,greedy", help="comma-separated: " + ", ".join(SETTINGS))
     p.add_argument("--label", default="current", help="names the build in the table and the JSON file")
+    p.add_argument("--parts", default=",".join(PARTS), help="comma-separated: " + ", ".join(PARTS))
     args = p.parse_args(argv)
     rows = []
     for model in args.models.split(","):
         for quantize in args.quantize.split(","):
-            rows += run(model, quantize, args.settings.split(","), args.label)
+            rows += run(model, quantize, args.settings.split(","), args.label, args.parts.split(","))
     print("\n" + table(rows))
 
 
