@@ -28,6 +28,7 @@ def configure_environment(config: Config) -> None:
 
 
 def build_service(config: Config):
+    from chatbot.conversation.relevance import MiniLMRelevance
     from chatbot.conversation.service import ChatService
     from chatbot.conversation.store import ConversationStore
     from chatbot.generation.base import GenerationSettings, load_generator
@@ -57,7 +58,10 @@ def build_service(config: Config):
     encoder = MultimodalEncoder(store.media_dir, recognizer, analyzers, limits)
     settings = GenerationSettings(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
                                   top_p=config.top_p, repetition_penalty=config.repetition_penalty)
-    service = ChatService(encoder, generator, store, settings, system_prompt=config.system_prompt)
+    log.info("Loading the sentence embedder (relevance of earlier messages)...")
+    relevance = MiniLMRelevance().load()
+    service = ChatService(encoder, generator, store, settings, system_prompt=config.system_prompt,
+                          relevance=relevance)
     # Every conversation starts with the system prompt: read it now (in the background), not in each first turn.
     generator.prefill(service.new_conversation().render(generator.count_tokens, generator.context_tokens)[:1])
     return service

@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 from chatbot.config import Config
+from chatbot.conversation.relevance import MiniLMRelevance
 from chatbot.conversation.service import ChatService
 from chatbot.conversation.store import ConversationStore
 from chatbot.generation.transformers_backend import (
@@ -62,14 +63,15 @@ def turn_timings(turns: int, reuse_cache: bool, max_new_tokens: int = 32) -> lis
     settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=0)
     with tempfile.TemporaryDirectory() as tmp:
         store = ConversationStore(Path(tmp))
-        service = ChatService(MultimodalEncoder(store.media_dir), generator, store, settings)
+        service = ChatService(MultimodalEncoder(store.media_dir), generator, store, settings,
+                              relevance=MiniLMRelevance().load())  # as the app: the tracked state's retrieval
         wait_idle_after(generator.prefill(service.new_conversation().render(generator.count_tokens, 10**6)[:1]))
         conv = service.new_conversation()
         rows = []
         for i in range(turns):
             asked = Conversation.from_dict(conv.to_dict())
             asked.add_user_turn(Turn(role=Role.USER, text=user_message(i)))
-            prompt = asked.render(generator.count_tokens, generator.prompt_budget(settings))
+            prompt = service.prompt(asked)
             start = time.perf_counter()
             first = None
             reply = ""

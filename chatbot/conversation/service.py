@@ -26,8 +26,9 @@ from chatbot.conversation.store import (
 )
 from chatbot.errors import UserFacingError
 from chatbot.generation.base import FinishReason, GenerationSettings, ReplyGenerator
+from chatbot.memory import Relevance
 from chatbot.perception.encoder import MultimodalEncoder
-from chatbot.state import Conversation, Role, Turn
+from chatbot.state import Conversation, Message, Role, Turn
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,7 @@ class ChatService:
     store: ConversationStore
     settings: GenerationSettings = field(default_factory=GenerationSettings)
     system_prompt: str | None = None
+    relevance: Relevance | None = None  # ranks condensed-out messages for the tracked state (word overlap if None)
 
     def __post_init__(self) -> None:
         self._running: dict[str, _RunningReply] = {}
@@ -204,6 +206,11 @@ class ChatService:
         if session and session.owner:
             self.stop(session.owner, session.conversation_id)
 
+    def prompt(self, conv: Conversation, settings: GenerationSettings | None = None) -> list[Message]:
+        """The messages the reply model reads to answer the last turn of `conv`."""
+        budget = self.generator.prompt_budget(settings or self.settings)
+        return conv.render(self.generator.count_tokens, budget, self.relevance)
+
     # -- internals ------------------------------------------------------------------------
     def _reply(self, owner: str, conv: Conversation, settings: GenerationSettings,
                continuing: Turn | None = None) -> Iterator[str]:
@@ -216,7 +223,7 @@ class ChatService:
         failed = finished = False
         finish: FinishReason | None = None
         try:
-            messages = conv.render(self.generator.count_tokens, self.generator.prompt_budget(settings))
+            messages = self.prompt(conv, settings)
             pieces = self.generator.stream(messages, settings, running.stop)
             try:
                 while True:

@@ -9,6 +9,7 @@ from the model's config, never from its name.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Generator
@@ -60,6 +61,23 @@ class _StopOnEvent(StoppingCriteria):
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
         stopped = any(e.is_set() for e in self.events)
         return torch.full((input_ids.shape[0],), stopped, dtype=torch.bool, device=input_ids.device)
+
+
+class _StopAtSentenceEnd(StoppingCriteria):
+    """Near the token limit, ends the reply as soon as a sentence ends, so it is not cut mid-sentence."""
+
+    def __init__(self, tokenizer, prompt_length: int, settings: GenerationSettings):
+        self.tokenizer = tokenizer
+        self.from_length = prompt_length + max(1, settings.max_new_tokens - settings.sentence_tail)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        done = input_ids.shape[1] >= self.from_length and bool(
+            _SENTENCE_END.search(self.tokenizer.decode(input_ids[0, -2:], skip_special_tokens=True)))
+        return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+
+
+# A sentence's end: punctuation after a non-digit ("1." starts a list item), maybe closing quotes.
+_SENTENCE_END = re.compile(r"[^\d\s][.!?…][\"')\]*]*\s*$")
 
 
 class TransformersGenerator(ABC):
@@ -135,7 +153,9 @@ class TransformersGenerator(ABC):
                                 return
                         sequences = self.model.generate(
                             **inputs, **settings.generate_kwargs(), streamer=streamer,
-                            stopping_criteria=StoppingCriteriaList([_StopOnEvent(stop, abandoned)]),
+                            stopping_criteria=StoppingCriteriaList([
+                                _StopOnEvent(stop, abandoned),
+                                _StopAtSentenceEnd(self.tokenizer, inputs["input_ids"].shape[1], settings)]),
                             pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
                             **({"past_key_values": cache} if cache is not None else {}))
                         generated.append(self._new_tokens(inputs, sequences))
