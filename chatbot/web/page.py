@@ -348,7 +348,7 @@ class ChatPage:
 
     @_shown_errors
     def use_key(self, key: str, request: gr.Request):
-        client = request.client.host if request.client else "unknown"
+        client = getattr(getattr(request, "client", None), "host", None) or "unknown"
         wait = self._key_throttle.wait(client)
         if wait > 0:
             raise UserFacingError(f"Too many keys tried from here; try again in {wait:.0f} s.")

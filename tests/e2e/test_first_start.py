@@ -8,8 +8,8 @@ import time
 
 from gradio_client import Client
 
+from harness.server import AppServer
 from tests.support.drivers import api_send, text_of
-from tests.support.server import AppServer
 
 
 def test_first_start_from_empty_caches_serves_and_answers(tmp_path):

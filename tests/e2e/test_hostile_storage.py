@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 from gradio_client import Client, handle_file
 
+from harness.server import AppServer
 from tests.support.drivers import api_send, open_page, text_of
-from tests.support.server import AppServer
 
 # A small model and no speech: these tests attack storage and HTTP, not the replies.
 LIGHT = ("--text-model", "smollm2-135m", "--speech-model", "none")

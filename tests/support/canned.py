@@ -23,7 +23,7 @@ class CannedGenerator:
 
     name = "canned"
 
-    def __init__(self, context_tokens: int = 512, seconds_per_token: float = 0.0):
+    def __init__(self, context_tokens: int = 1024, seconds_per_token: float = 0.0):
         self.context_tokens = context_tokens
         self.seconds_per_token = seconds_per_token  # browser tests slow it down to watch a reply run
         self.prompts: list[list[Message]] = []  # what it was asked, for tests to check
