@@ -198,7 +198,9 @@ class ChatPage:
         self.browser_secret = browser_secret
         self.concurrency_limit = concurrency_limit
         self._exports = tempfile.TemporaryDirectory(prefix="chatbot-exports-")  # removed when the app exits
-        self._key_throttle = Throttle()  # owner keys are unguessable; still, make guessing slow
+        # Owner keys are unguessable; still, make guessing slow. Generous: one office behind one address opens
+        # many new browsers (each a new key with no conversations yet).
+        self._key_throttle = Throttle(free=20)
 
     # -- who and where -------------------------------------------------------------------
     @staticmethod
@@ -386,14 +388,15 @@ class ChatPage:
         return self.new_chat(session, request)
 
     @_shown_errors
-    def export(self, session: ChatSession, request: gr.Request) -> gr.File:
+    def export(self, session: ChatSession, request: gr.Request) -> str:
+        """The exported file's path (API clients get the file itself; the page then shows its link)."""
         owner, conv = self.opened(session, request)
         if not conv.turns:
             raise UserFacingError("This conversation is empty; there is nothing to export yet.")
         path = Path(self._exports.name) / conv.id / export_name(conv)
         path.parent.mkdir(exist_ok=True)
         path.write_text(self.service.export_json(owner, conv.id), encoding="utf-8")
-        return gr.File(value=str(path), visible=True)
+        return str(path)
 
     @_shown_errors
     def import_conversation(self, file: str | None, session: ChatSession, request: gr.Request):
@@ -533,7 +536,8 @@ class ChatPage:
         c.confirm_no.click(lambda: gr.Column(visible=False), None, [c.confirm_row], api_visibility="private",
                            queue=False, show_progress="hidden")
         after(c.confirm_yes.click(self.delete, [session], turn_out, api_name="delete", **quick))
-        c.export_btn.click(self.export, [session], [c.export_file], api_name="export", **quick)
+        c.export_btn.click(self.export, [session], [c.export_file], api_name="export", **quick).success(
+            lambda: gr.File(visible=True), None, [c.export_file], api_visibility="private", queue=False)
         after(c.import_btn.upload(self.import_conversation, [c.import_btn, session], [chatbot, session],
                                   api_name="import", **quick))
 
