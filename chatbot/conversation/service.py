@@ -17,6 +17,7 @@ import logging
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from chatbot.conversation.owners import ChatSession
 from chatbot.conversation.store import (
@@ -27,7 +28,7 @@ from chatbot.conversation.store import (
 from chatbot.errors import UserFacingError
 from chatbot.generation.base import GenerationSettings, ReplyGenerator
 from chatbot.perception.encoder import MultimodalEncoder
-from chatbot.state import Conversation, Role, Turn
+from chatbot.state import Attachment, Conversation, Role, Turn
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,16 @@ class _RunningReply:
     stop: threading.Event = field(default_factory=threading.Event)
 
 
+class ReplyListener(Protocol):
+    """Follows each reply while it is written (the voice that speaks it); knows nothing of the model."""
+
+    def heard(self, conv_id: str, reply: str) -> None:
+        """The reply so far (called after every piece)."""
+
+    def finished(self, conv_id: str, reply: str, interrupted: bool) -> list[Attachment]:
+        """The reply is complete or stopped: media to keep with it (never shown to the model)."""
+
+
 # -- the service --------------------------------------------------------------------------
 @dataclass
 class ChatService:
@@ -49,6 +60,7 @@ class ChatService:
     store: ConversationStore
     settings: GenerationSettings = field(default_factory=GenerationSettings)
     system_prompt: str | None = None
+    listener: ReplyListener | None = None  # e.g. chatbot.voice.speaker.ReplySpeaker
 
     def __post_init__(self) -> None:
         self._running: dict[str, _RunningReply] = {}
@@ -195,6 +207,7 @@ class ChatService:
             messages = conv.render(self.generator.count_tokens, self.generator.prompt_budget(settings))
             for piece in self.generator.stream(messages, settings, running.stop):
                 reply += piece
+                self._tell_listener("heard", conv.id, reply)
                 yield reply
             finished = True
         except Exception:  # noqa: BLE001
@@ -206,8 +219,10 @@ class ChatService:
                 if self._running.get(conv.id) is running:
                     del self._running[conv.id]
             position = len(conv.turns)
+            interrupted = running.stop.is_set() or not finished
+            media = self._tell_listener("finished", conv.id, reply.strip(), interrupted) or []
             if reply.strip() or not failed:
-                conv.add_assistant_turn(reply.strip(), interrupted=running.stop.is_set() or not finished)
+                conv.add_assistant_turn(reply.strip(), interrupted=interrupted, attachments=media)
             if failed:
                 conv.turns.append(Turn(role=Role.ASSISTANT, text=SORRY, notice=True))
             try:
@@ -222,6 +237,15 @@ class ChatService:
             ahead = conv.render_ahead(self.generator.count_tokens, self.generator.prompt_budget(settings))
             if ahead:
                 self.generator.prefill(ahead)
+
+    def _tell_listener(self, event: str, *args):
+        if self.listener is None:
+            return None
+        try:
+            return getattr(self.listener, event)(*args)
+        except Exception:  # noqa: BLE001 - a failing voice must not lose the reply
+            log.exception("The reply listener failed on %s", event)
+            return None
 
     def _save(self, owner: str, conv: Conversation) -> None:
         if conv.turns:

@@ -266,6 +266,17 @@ class ConversationStore:
         self.save(owner, conv)
         return conv
 
+    def keep_media(self, content: bytes, suffix: str) -> tuple[Path, str]:
+        """Store a file the app made (e.g. a spoken reply) in the media folder; its path and SHA-256."""
+        sha = hashlib.sha256(content).hexdigest()
+        target = self.media_dir / sha[:2] / f"{sha}{suffix}"
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_name(f"{target.name}.{new_id()}.partial")
+            tmp.write_bytes(content)
+            tmp.replace(target)
+        return target, sha
+
     def _import_file(self, attachment: Attachment, encoded: str | None) -> Path:
         """The local copy of an imported attachment; its name comes from the hash, never from the document."""
         sha = attachment.sha256
@@ -277,11 +288,7 @@ class ConversationStore:
             content = base64.b64decode(encoded, validate=True)
             if hashlib.sha256(content).hexdigest() != sha:
                 raise UserFacingError(f"The attachment '{attachment.name}' does not match its checksum.")
-            if not target.exists():
-                target.parent.mkdir(parents=True, exist_ok=True)
-                tmp = target.with_name(f"{target.name}.{new_id()}.partial")
-                tmp.write_bytes(content)
-                tmp.replace(target)
+            self.keep_media(content, suffix)
         elif not target.is_file():
             raise UserFacingError(f"The attachment '{attachment.name}' is not included in the file "
                                   "and not on this server; export it again with its files.")
