@@ -45,7 +45,14 @@ def build_service(config: Config):
     encoder = MultimodalEncoder(store.media_dir, recognizer, analyzers)
     settings = GenerationSettings(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
                                   top_p=config.top_p, repetition_penalty=config.repetition_penalty)
-    service = ChatService(encoder, generator, store, settings, system_prompt=config.system_prompt)
+    speaker = None
+    if config.voice != NO_MODEL:
+        from chatbot.voice.speaker import ReplySpeaker
+        from chatbot.voice.tts import load_voice
+
+        log.info("Loading the voice '%s'...", config.voice)
+        speaker = ReplySpeaker(load_voice(config.voice), store)
+    service = ChatService(encoder, generator, store, settings, system_prompt=config.system_prompt, listener=speaker)
     # Every conversation starts with the system prompt: read it now (in the background), not in each first turn.
     generator.prefill(service.new_conversation().render(generator.count_tokens, generator.context_tokens)[:1])
     return service
@@ -66,9 +73,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from chatbot.conversation.owners import persistent_secret
     from chatbot.web.page import build_ui
+    from chatbot.web.voice import VoiceOptions
 
+    voice = None if service.listener is None else VoiceOptions(service.listener, service.encoder.recognizer,
+                                                               config.speak_replies)
     # The secret that encrypts each browser's owner key must outlive restarts, or browsers lose their lists.
-    demo = build_ui(service, persistent_secret(config.data_dir / "browser-secret"), config.concurrency)
+    demo = build_ui(service, persistent_secret(config.data_dir / "browser-secret"), config.concurrency, voice)
     demo.queue(default_concurrency_limit=1)
     # Only the media folder is served (files named by their SHA-256); the database is not.
     demo.launch(server_name=config.host, server_port=config.port, allowed_paths=[str(service.store.media_dir)],

@@ -45,10 +45,10 @@ class _RunningReply:
 class ReplyListener(Protocol):
     """Follows each reply while it is written (the voice that speaks it); knows nothing of the model."""
 
-    def heard(self, conv_id: str, reply: str) -> None:
+    def heard(self, owner: str, conv_id: str, reply: str) -> None:
         """The reply so far (called after every piece)."""
 
-    def finished(self, conv_id: str, reply: str, interrupted: bool) -> list[Attachment]:
+    def finished(self, owner: str, conv_id: str, reply: str, interrupted: bool) -> list[Attachment]:
         """The reply is complete or stopped: media to keep with it (never shown to the model)."""
 
 
@@ -207,7 +207,7 @@ class ChatService:
             messages = conv.render(self.generator.count_tokens, self.generator.prompt_budget(settings))
             for piece in self.generator.stream(messages, settings, running.stop):
                 reply += piece
-                self._tell_listener("heard", conv.id, reply)
+                self._tell_listener("heard", owner, conv.id, reply)
                 yield reply
             finished = True
         except Exception:  # noqa: BLE001
@@ -220,7 +220,7 @@ class ChatService:
                     del self._running[conv.id]
             position = len(conv.turns)
             interrupted = running.stop.is_set() or not finished
-            media = self._tell_listener("finished", conv.id, reply.strip(), interrupted) or []
+            media = self._tell_listener("finished", owner, conv.id, reply.strip(), interrupted) or []
             if reply.strip() or not failed:
                 conv.add_assistant_turn(reply.strip(), interrupted=interrupted, attachments=media)
             if failed:

@@ -73,13 +73,14 @@ class SpokenReply:
     clips: list[Clip] = field(default_factory=list)
     audio: list[np.ndarray] = field(default_factory=list)
     language: str | None = None  # decided from the first sentences
+    id: str = field(default_factory=new_id)
     silent_reason: str = ""  # why this reply is not spoken (no voice for its language)
     cancelled: bool = False  # barge-in / stop: say nothing more
     done: bool = False
 
 
 class ReplySpeaker:
-    """Shared by all sessions. `speak_next(conv_id)` arms a conversation; its replies then speak."""
+    """Shared by all sessions; speaks the replies of owners whose speaker is on (`set_speaking`)."""
 
     def __init__(self, voice: SpeechSynthesizer, store: ConversationStore,
                  language_of: TextLanguage | None = None) -> None:
@@ -87,7 +88,7 @@ class ReplySpeaker:
         self.store = store
         self.language_of = language_of or TextLanguage()
         self._clip_dir = Path(tempfile.mkdtemp(prefix="chatbot-voice-"))
-        self._on: set[str] = set()  # conversations whose speaker is on
+        self._on: set[str] = set()  # owners whose speaker is on
         self._replies: dict[str, SpokenReply] = {}
         self._lock = threading.Lock()
 
@@ -95,9 +96,10 @@ class ReplySpeaker:
     def clip_dir(self) -> Path:
         return self._clip_dir
 
-    def set_speaking(self, conv_id: str, on: bool) -> None:
+    def set_speaking(self, owner: str, on: bool) -> None:
+        """The owner's speaker toggle: their replies are spoken from the next sentence on."""
         with self._lock:
-            (self._on.add if on else self._on.discard)(conv_id)
+            (self._on.add if on else self._on.discard)(owner)
 
     def current(self, conv_id: str) -> SpokenReply | None:
         with self._lock:
@@ -110,13 +112,13 @@ class ReplySpeaker:
             spoken.cancelled = True
 
     # -- ReplyListener ------------------------------------------------------------------------
-    def heard(self, conv_id: str, reply: str) -> None:
-        spoken = self._reply_for(conv_id)
+    def heard(self, owner: str, conv_id: str, reply: str) -> None:
+        spoken = self._reply_for(owner, conv_id)
         if spoken is not None:
             self._say(spoken, spoken.sentences.feed(reply))
 
-    def finished(self, conv_id: str, reply: str, interrupted: bool) -> list[Attachment]:
-        spoken = self._reply_for(conv_id)
+    def finished(self, owner: str, conv_id: str, reply: str, interrupted: bool) -> list[Attachment]:
+        spoken = self._reply_for(owner, conv_id)
         if spoken is None:
             return []
         if not interrupted:
@@ -130,9 +132,9 @@ class ReplySpeaker:
         return [Attachment(kind=AttachmentKind.AUDIO, path=str(path), sha256=sha, name="spoken-reply.wav")]
 
     # -- internals --------------------------------------------------------------------------------
-    def _reply_for(self, conv_id: str) -> SpokenReply | None:
+    def _reply_for(self, owner: str, conv_id: str) -> SpokenReply | None:
         with self._lock:
-            if conv_id not in self._on:
+            if owner not in self._on:
                 return None
             spoken = self._replies.get(conv_id)
             if spoken is None or spoken.done:

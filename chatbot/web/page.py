@@ -24,6 +24,7 @@ from chatbot.conversation.owners import (
 from chatbot.conversation.service import ChatService
 from chatbot.errors import UserFacingError
 from chatbot.state import AttachmentKind, Conversation, ObservationKind, Role, Turn
+from chatbot.web.voice import VoiceOptions, add_voice_controls
 
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
 OWNER_STORAGE_KEY = "multimodal-chatbot-owner"
@@ -41,7 +42,7 @@ def _turn_content(turn: Turn) -> list:
     parts: list = []
     for attachment in turn.attachments:
         parts.append({"path": attachment.path, "alt_text": attachment.label})
-        if attachment.kind is AttachmentKind.AUDIO:
+        if attachment.kind is AttachmentKind.AUDIO and turn.role is Role.USER:
             spoken = " ".join(o.text for o in turn.notes_for(attachment) if o.kind is ObservationKind.TRANSCRIPT)
             parts.append(f"🎤 *{spoken}*" if spoken else "🎤 *(no words recognised)*")
     text = turn.text + ("\n\n*(stopped)*" if turn.interrupted else "")
@@ -83,8 +84,12 @@ def _shown_errors(fn):
     return call
 
 
-def build_ui(service: ChatService, browser_secret: str, concurrency_limit: int = 1) -> gr.Blocks:
-    """`browser_secret` encrypts the owner key in browsers; keep it across restarts or lists are lost."""
+def build_ui(service: ChatService, browser_secret: str, concurrency_limit: int = 1,
+             voice: VoiceOptions | None = None) -> gr.Blocks:
+    """`browser_secret` encrypts the owner key in browsers; keep it across restarts or lists are lost.
+
+    `voice`: spoken replies and call mode (chatbot.web.voice); None leaves them off the page.
+    """
     exports = tempfile.TemporaryDirectory(prefix="chatbot-exports-")  # removed when the app exits
 
     def owner_of(session: ChatSession, request: gr.Request) -> str:
@@ -227,6 +232,8 @@ def build_ui(service: ChatService, browser_secret: str, concurrency_limit: int =
             sources=["upload", "microphone"], file_types=["image", "audio"], file_count="multiple",
             placeholder="Type a message, attach photos, or record your voice…", show_label=False,
             autofocus=True, stop_btn=True, elem_id="message-box")
+        if voice is not None:
+            add_voice_controls(service, voice, session, chatbot, owner_of, chat_messages)
         gr.Examples(examples=_EXAMPLES, inputs=box, label="Try")
         # Inputs and outputs of API-only endpoints (no place on the page).
         with gr.Group(visible=False):

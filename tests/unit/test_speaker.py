@@ -21,17 +21,17 @@ def language():
 
 def _stream(speaker, conv_id, reply, step=4):
     for end in range(step, len(reply) + step, step):
-        speaker.heard(conv_id, reply[:end])
+        speaker.heard("ana", conv_id, reply[:end])
         yield end
 
 
 def test_first_sentence_is_spoken_before_the_reply_ends(tmp_path, voice, language):
     speaker = ReplySpeaker(voice, ConversationStore(tmp_path), language)
-    speaker.set_speaking("c1", True)
+    speaker.set_speaking("ana", True)
     reply = "Paris is the capital of France. It is known for the **Eiffel Tower** and for its museums."
     first_clip_at = next(end for end in _stream(speaker, "c1", reply) if speaker.current("c1").clips)
     assert first_clip_at < len(reply) * 0.6
-    attachments = speaker.finished("c1", reply, interrupted=False)
+    attachments = speaker.finished("ana", "c1", reply, interrupted=False)
     spoken = speaker.current("c1")
     assert [c.text for c in spoken.clips] == ["Paris is the capital of France.",
                                               "It is known for the Eiffel Tower and for its museums."]
@@ -44,20 +44,20 @@ def test_first_sentence_is_spoken_before_the_reply_ends(tmp_path, voice, languag
 def test_speaker_off_or_cancelled_says_nothing_more(tmp_path, voice, language):
     speaker = ReplySpeaker(voice, ConversationStore(tmp_path), language)
     reply = "Paris is the capital of France. It is known for the Eiffel Tower."
-    list(_stream(speaker, "off", reply))
-    assert speaker.finished("off", reply, interrupted=False) == [] and speaker.current("off") is None
-    speaker.set_speaking("c2", True)
-    speaker.heard("c2", "Paris is the capital of France. It is")
+    list(_stream(speaker, "off", reply))  # "ana" has not turned the speaker on
+    assert speaker.finished("ana", "off", reply, interrupted=False) == [] and speaker.current("off") is None
+    speaker.set_speaking("ana", True)
+    speaker.heard("ana", "c2", "Paris is the capital of France. It is")
     speaker.cancel("c2")
-    speaker.heard("c2", reply)
-    (attachment,) = speaker.finished("c2", reply, interrupted=True)  # what was said is kept
+    speaker.heard("ana", "c2", reply)
+    (attachment,) = speaker.finished("ana", "c2", reply, interrupted=True)  # what was said is kept
     assert [c.text for c in speaker.current("c2").clips] == ["Paris is the capital of France."]
 
 
 def test_a_reply_in_a_language_without_a_voice_is_not_spoken(tmp_path, voice, language):
     speaker = ReplySpeaker(voice, ConversationStore(tmp_path), language)
-    speaker.set_speaking("fr", True)
+    speaker.set_speaking("ana", True)
     reply = "La capitale de la France est Paris. Elle est connue pour la tour Eiffel et ses musées."
     list(_stream(speaker, "fr", reply))
-    assert speaker.finished("fr", reply, interrupted=False) == []
+    assert speaker.finished("ana", "fr", reply, interrupted=False) == []
     assert speaker.current("fr").silent_reason == "Not spoken: there is no voice for French here."
