@@ -26,6 +26,7 @@ from chatbot.perception.speech import SpeechRecognizer
 from chatbot.voice.listening import (
     EchoGuard,
     SileroVad,
+    StreamResampler,
     UtteranceDetector,
     heard_words,
     to_16k,
@@ -71,10 +72,13 @@ class VoicePeer:
         self.state = CallState.OFF
         self.guard = EchoGuard()
         self._detector: UtteranceDetector | None = None
+        self._resampler: StreamResampler | None = None
         self._lock = threading.Lock()
+        self._hearing = threading.Lock()  # microphone chunks are handled one at a time, in order
         self._worker: threading.Thread | None = None
         self._given: tuple[str, int] = ("", 0)  # (the SpokenReply, clips of it handed over)
         self._playing_until = 0.0
+        self._barged = False  # this utterance already interrupted the bot
         self._stop_playback = False
         self._changed = False
         self._status = ""
@@ -90,6 +94,7 @@ class VoicePeer:
             if self._detector is None:
                 self._detector = UtteranceDetector(SileroVad())
             self._detector.reset()
+            self._resampler = None
             self.state = CallState.LISTENING
             self._status = "Listening…"
         self.speaker.set_speaking(owner, True)  # a call is spoken, whatever the toggle says
@@ -109,16 +114,20 @@ class VoicePeer:
             audio /= 32768.0
         if audio.ndim > 1:
             audio = audio.mean(axis=1)
-        utterances = self._detector.feed(to_16k(audio, rate))
-        if self._bot_active() and self._detector.hearing_speech:
-            heard = np.concatenate(self._detector._speech)
-            if not self.guard.sounds_like_bot(heard):
-                log.info("Barge-in: the user spoke while the bot was answering")
-                self._barge_in()
-        for utterance in utterances:
-            if self._bot_active() and self.guard.sounds_like_bot(utterance):
-                continue  # the bot's own voice came back through the microphone
-            self._start_turn(utterance)
+        with self._hearing:
+            if self._resampler is None or self._resampler.rate != rate:
+                self._resampler = StreamResampler(rate)
+            utterances = self._detector.feed(self._resampler(audio))
+            if self._bot_active() and self._detector.hearing_speech and not self._barged:
+                if not self.guard.sounds_like_bot(self._detector.current_speech()):
+                    log.info("Barge-in: the user spoke while the bot was answering")
+                    self._barged = True
+                    self._barge_in()
+            for utterance in utterances:
+                self._barged = False
+                if self._bot_active() and self.guard.sounds_like_bot(utterance):
+                    continue  # the bot's own voice came back through the microphone
+                self._start_turn(utterance)
 
     def _bot_active(self) -> bool:
         busy = self._worker is not None and self._worker.is_alive()
@@ -134,13 +143,15 @@ class VoicePeer:
             self._playing_until = 0.0
 
     def _start_turn(self, utterance: np.ndarray) -> None:
-        if self._worker is not None and self._worker.is_alive():
-            self._worker.join()  # after a barge-in the old reply ends within a token or two
-        self._worker = threading.Thread(target=self._turn, args=(utterance,), name="call-turn", daemon=True)
+        previous = self._worker
+        self._worker = threading.Thread(target=self._turn, args=(utterance, previous), name="call-turn", daemon=True)
         self._worker.start()
 
-    def _turn(self, utterance: np.ndarray) -> None:
+    def _turn(self, utterance: np.ndarray, previous: threading.Thread | None) -> None:
         from chatbot.perception.audio import load_audio
+
+        if previous is not None:
+            previous.join()  # after a barge-in the old reply ends within a token or two
 
         self.state, self._status = CallState.THINKING, "Thinking…"
         try:

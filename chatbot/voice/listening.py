@@ -93,6 +93,10 @@ class UtteranceDetector:
         """Someone is speaking right now (long enough to count): what barge-in listens for."""
         return self._voiced * WINDOW >= self.settings.min_speech * SAMPLE_RATE
 
+    def current_speech(self) -> np.ndarray:
+        """The utterance heard so far (empty between utterances)."""
+        return np.concatenate(self._speech) if self._speech else np.zeros(0, np.float32)
+
     def feed(self, samples: np.ndarray) -> list[np.ndarray]:
         s = self.settings
         done: list[np.ndarray] = []
@@ -191,6 +195,42 @@ MIN_AVG_LOGPROB = -1.0  # mean token log-probability below this: guessed words (
 def heard_words(text: str, no_speech_prob: float, avg_logprob: float) -> bool:
     """Whether a transcript is words someone said, not text Whisper made up from noise."""
     return bool(_words(text)) and no_speech_prob < MAX_NO_SPEECH and avg_logprob > MIN_AVG_LOGPROB
+
+
+class StreamResampler:
+    """Microphone chunks at the browser's rate to 16 kHz, seamlessly across chunk boundaries.
+
+    Resampling each chunk on its own leaves a click at every boundary (filters start cold),
+    which Whisper hears as words. Here a low-pass FIR carries its history from chunk to chunk
+    and the output sample positions carry their phase.
+    """
+
+    def __init__(self, rate: int, taps: int = 63) -> None:
+        self.rate = rate
+        self.step = rate / SAMPLE_RATE
+        n = np.arange(taps) - (taps - 1) / 2
+        cutoff = 0.95 * (SAMPLE_RATE / 2) / rate  # just below the new Nyquist, as a fraction of the old rate
+        kernel = 2 * cutoff * np.sinc(2 * cutoff * n) * np.hamming(taps)
+        self.kernel = (kernel / kernel.sum()).astype(np.float32)
+        self.history = np.zeros(taps - 1, np.float32)
+        self.position = 0.0  # where the next output sample falls, relative to the next chunk's first sample
+        self.last = np.float32(0)
+
+    def __call__(self, samples: np.ndarray) -> np.ndarray:
+        if self.rate == SAMPLE_RATE or not len(samples):
+            return samples.astype(np.float32)
+        buffer = np.concatenate([self.history, samples.astype(np.float32)])
+        filtered = np.convolve(buffer, self.kernel, mode="valid")  # one value per new sample
+        self.history = buffer[len(buffer) - len(self.history):]
+        positions = np.arange(self.position, len(filtered) - 1 + 1e-9, self.step)
+        with_last = np.concatenate([[self.last], filtered])  # index 0 is the previous chunk's last sample
+        out = np.interp(positions + 1, np.arange(len(with_last)), with_last)
+        if len(positions):
+            self.position = positions[-1] + self.step - len(filtered)
+        else:
+            self.position -= len(filtered)
+        self.last = filtered[-1]
+        return out.astype(np.float32)
 
 
 def to_16k(samples: np.ndarray, rate: int) -> np.ndarray:

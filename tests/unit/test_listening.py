@@ -98,3 +98,17 @@ def test_whispers_doubt_rejects_invented_text():
     assert not heard_words("Thank you.", no_speech_prob=0.85, avg_logprob=-0.4)  # silence "heard" as thanks
     assert not heard_words("Ugh hm kh", no_speech_prob=0.3, avg_logprob=-1.6)  # a cough read as words
     assert not heard_words("...", no_speech_prob=0.0, avg_logprob=-0.1)
+
+
+def test_microphone_chunks_are_resampled_without_seams():
+    from chatbot.voice.listening import StreamResampler
+
+    rate = 44_100  # not a multiple of 16 kHz: the output positions must carry their phase
+    t = np.arange(2 * rate) / rate
+    tone = (0.5 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+    resampler = StreamResampler(rate)
+    chunked = np.concatenate([resampler(tone[i:i + 3333]) for i in range(0, len(tone), 3333)])
+    whole = StreamResampler(rate)(tone)
+    assert abs(len(chunked) - 2 * SAMPLE_RATE) <= 1
+    assert np.allclose(chunked, whole, atol=1e-4)  # the same as one long chunk: no clicks
+    assert np.abs(np.diff(chunked[100:])).max() < 1.1 * 0.5 * 2 * np.pi * 440 / SAMPLE_RATE
