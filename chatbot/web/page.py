@@ -233,7 +233,7 @@ def build_ui(service: ChatService, browser_secret: str, concurrency_limit: int =
             placeholder="Type a message, attach photos, or record your voice…", show_label=False,
             autofocus=True, stop_btn=True, elem_id="message-box")
         if voice is not None:
-            add_voice_controls(service, voice, session, chatbot, owner_of, chat_messages)
+            add_voice_controls(service, voice, session, chatbot, box, owner_of, chat_messages)
         gr.Examples(examples=_EXAMPLES, inputs=box, label="Try")
         # Inputs and outputs of API-only endpoints (no place on the page).
         with gr.Group(visible=False):

@@ -77,7 +77,8 @@ class VoiceOptions:
 
 
 def add_voice_controls(service: ChatService, options: VoiceOptions, session: gr.State, chatbot: gr.Chatbot,
-                       owner_of: Callable[[ChatSession, gr.Request], str], render: Callable) -> None:
+                       box: gr.MultimodalTextbox, owner_of: Callable[[ChatSession, gr.Request], str],
+                       render: Callable) -> None:
     """Adds the controls where it is called; `render(conv, reply)` is the page's chat rendering."""
     peers: dict[str, VoicePeer] = {}
     counter = {"seq": 0}
@@ -110,6 +111,23 @@ def add_voice_controls(service: ChatService, options: VoiceOptions, session: gr.
         peer.start_call(owner, session.conversation_id, language or None)
         return (True, gr.Button("End call", variant="stop"), "Listening…", gr.Timer(active=True))
 
+    def push_to_talk(path: str | None, language: str):
+        """Record, stop: the transcript lands in the message box, to correct and send like typed text."""
+        from chatbot.errors import UserFacingError
+        from chatbot.perception.audio import load_audio
+
+        if not path or options.recognizer is None:
+            return gr.skip(), gr.skip(), None
+        try:
+            transcript = options.recognizer.transcribe(load_audio(path), language or None)
+        except UserFacingError as error:
+            return gr.skip(), str(error), None
+        if not transcript.text:
+            return gr.skip(), "No words recognised; please try again.", None
+        sure = "" if transcript.language_probability >= 0.5 else ", unsure: your browser's language was used"
+        return ({"text": transcript.text, "files": []},
+                f"Heard ({transcript.language}{sure}). Correct it if needed, then press Enter.", None)
+
     def hear(chunk, request: gr.Request) -> None:
         if chunk is not None:
             rate, samples = chunk
@@ -139,6 +157,8 @@ def add_voice_controls(service: ChatService, options: VoiceOptions, session: gr.
         call_btn = gr.Button("📞 Start call", elem_id="call-button", scale=0, min_width=140,
                              interactive=options.recognizer is not None)
         status = gr.Markdown("", elem_id="voice-status")
+    talk = gr.Audio(sources=["microphone"], type="filepath", label="Push to talk: record, stop, then check and send",
+                    elem_id="push-to-talk", visible=options.recognizer is not None)
     mic = gr.Audio(sources=["microphone"], streaming=True, type="numpy", label="Call microphone",
                    elem_id="call-mic", visible=options.recognizer is not None)
     with gr.Group(visible=False):
@@ -153,6 +173,8 @@ def add_voice_controls(service: ChatService, options: VoiceOptions, session: gr.
     call_btn.click(None, [call_on], [language], js=_START_CALL_JS, **quick).then(
         toggle_call, [call_on, session, language], [call_on, call_btn, status, timer], **quick).then(
         remember, None, [peer_key], **quick)
+    talk.stop_recording(push_to_talk, [talk, language], [box, status, talk], api_visibility="private",
+                        js="(path, lang) => [path, navigator.language || '']")
     mic.stream(hear, [mic], None, stream_every=0.25, time_limit=3600, concurrency_limit=None,
                concurrency_id="call-microphone", api_visibility="private")
     timer.tick(poll, [speaker_box, call_on, session], [clips_box, status, chatbot, session], show_progress="hidden",

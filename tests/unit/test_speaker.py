@@ -61,3 +61,37 @@ def test_a_reply_in_a_language_without_a_voice_is_not_spoken(tmp_path, voice, la
     list(_stream(speaker, "fr", reply))
     assert speaker.finished("ana", "fr", reply, interrupted=False) == []
     assert speaker.current("fr").silent_reason == "Not spoken: there is no voice for French here."
+
+
+class _EnglishOnly(TextLanguage):
+    """The tiny test model writes random tokens; treat them as English so they are spoken."""
+
+    def __init__(self) -> None:
+        pass
+
+    def __call__(self, text: str) -> str:
+        return "en"
+
+
+def test_the_spoken_reply_is_kept_with_the_reply_and_never_sent_to_the_model(tmp_path, voice, tiny_causal_dir):
+    from chatbot.conversation.service import ChatService
+    from chatbot.generation.transformers_backend import GenerationSettings, load_generator
+    from chatbot.perception.encoder import MultimodalEncoder
+    from chatbot.state import AttachmentKind, Role
+
+    store = ConversationStore(tmp_path / "data")
+    speaker = ReplySpeaker(voice, store, _EnglishOnly())
+    speaker.set_speaking("ana", True)
+    service = ChatService(MultimodalEncoder(store.media_dir), load_generator(str(tiny_causal_dir)), store,
+                          GenerationSettings(max_new_tokens=40, temperature=0), listener=speaker)
+    conv = service.new_conversation()
+    replies = list(service.respond("ana", conv, "Hello there. Tell me something."))
+    reply = conv.turns[-1]
+    assert reply.role is Role.ASSISTANT and reply.text == replies[-1].strip()
+    (spoken,) = reply.attachments
+    assert spoken.kind is AttachmentKind.AUDIO and spoken.label == "Spoken reply 1"
+    stored = store.load("ana", conv.id).turns[-1]
+    assert stored.attachments[0].sha256 == spoken.sha256  # stored, so it plays after a reload and is exported
+    assert spoken.sha256 in service.export_json("ana", conv.id)
+    messages = conv.render(lambda s: len(s.split()), 10_000)
+    assert all("Spoken reply" not in m.content and spoken.path not in m.content for m in messages)
