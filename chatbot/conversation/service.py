@@ -17,6 +17,7 @@ import logging
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from chatbot.conversation.owners import ChatSession
 from chatbot.conversation.store import (
@@ -28,7 +29,7 @@ from chatbot.errors import UserFacingError
 from chatbot.generation.base import FinishReason, GenerationSettings, ReplyGenerator
 from chatbot.memory import Relevance
 from chatbot.perception.encoder import MultimodalEncoder
-from chatbot.state import Conversation, Message, Role, Turn
+from chatbot.state import Attachment, Conversation, Message, Role, Turn
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,16 @@ class _RunningReply:
     stop: threading.Event = field(default_factory=threading.Event)
 
 
+class ReplyListener(Protocol):
+    """Follows each reply while it is written (the voice that speaks it); knows nothing of the model."""
+
+    def heard(self, owner: str, conv_id: str, reply: str) -> None:
+        """The reply so far (called after every piece)."""
+
+    def finished(self, owner: str, conv_id: str, reply: str, interrupted: bool) -> list[Attachment]:
+        """The reply is complete or stopped: media to keep with it (never shown to the model)."""
+
+
 # -- the service --------------------------------------------------------------------------
 @dataclass
 class ChatService:
@@ -60,6 +71,7 @@ class ChatService:
     settings: GenerationSettings = field(default_factory=GenerationSettings)
     system_prompt: str | None = None
     relevance: Relevance | None = None  # ranks condensed-out messages for the tracked state (word overlap if None)
+    listener: ReplyListener | None = None  # e.g. chatbot.voice.speaker.ReplySpeaker
 
     def __post_init__(self) -> None:
         self._running: dict[str, _RunningReply] = {}
@@ -233,6 +245,7 @@ class ChatService:
                         finish = end.value
                         break
                     reply += piece
+                    self._tell_listener("heard", owner, conv.id, reply)
                     yield before + reply
             finally:
                 pieces.close()  # also when our consumer went away: the backend frees the CPU at once
@@ -247,7 +260,8 @@ class ChatService:
                     del self._running[conv.id]
             interrupted = running.stop.is_set() or not finished
             cut = finish is FinishReason.LENGTH and not interrupted
-            self._record(owner, conv, before, reply, failed, interrupted, cut, continuing)
+            spoken = self._tell_listener("finished", owner, conv.id, reply.strip(), interrupted) or []
+            self._record(owner, conv, before, reply, failed, interrupted, cut, continuing, spoken)
         if failed:
             yield before + reply
         elif finished:
@@ -257,13 +271,14 @@ class ChatService:
                 self.generator.prefill(ahead)
 
     def _record(self, owner: str, conv: Conversation, before: str, reply: str, failed: bool, interrupted: bool,
-                cut: bool, continuing: Turn | None) -> None:
+                cut: bool, continuing: Turn | None, spoken: list[Attachment]) -> None:
         """Put the ended reply into `conv` and the store (unless the stored conversation moved on meanwhile)."""
         try:
             if continuing is not None:
                 position = len(conv.turns) - 1  # the continued reply is the last turn
                 if reply.strip():
                     continuing.text = (before + reply).strip()
+                    continuing.attachments.extend(spoken)
                     continuing.interrupted, continuing.cut = interrupted, cut
                 elif not (failed or interrupted):  # the model had nothing to add: the reply is complete
                     continuing.interrupted = continuing.cut = False
@@ -275,7 +290,7 @@ class ChatService:
             else:
                 position = len(conv.turns)
                 if reply.strip() or not failed:
-                    conv.add_assistant_turn(reply.strip(), interrupted=interrupted, cut=cut)
+                    conv.add_assistant_turn(reply.strip(), interrupted=interrupted, cut=cut, attachments=spoken)
                 if failed:
                     conv.turns.append(Turn(role=Role.ASSISTANT, text=SORRY, notice=True))
                 kept = self.store.append(owner, conv.id, position, conv.turns[position:])
@@ -283,6 +298,15 @@ class ChatService:
                 log.info("Conversation %s changed while replying; the reply was not kept", conv.id)
         except Exception:  # noqa: BLE001 - the reply is shown; its loss is logged
             log.exception("Saving the reply failed")
+
+    def _tell_listener(self, event: str, *args):
+        if self.listener is None:
+            return None
+        try:
+            return getattr(self.listener, event)(*args)
+        except Exception:  # noqa: BLE001 - a failing voice must not lose the reply
+            log.exception("The reply listener failed on %s", event)
+            return None
 
     def _save(self, owner: str, conv: Conversation) -> None:
         if conv.turns:

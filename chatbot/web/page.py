@@ -39,6 +39,7 @@ from chatbot.conversation.service import ChatService, clean_title
 from chatbot.errors import UserFacingError
 from chatbot.state import AttachmentKind, Conversation, ObservationKind, Role, Turn
 from chatbot.web.security import Throttle
+from chatbot.web.voice import VoiceOptions, add_voice_controls
 
 log = logging.getLogger(__name__)
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
@@ -68,7 +69,7 @@ def _turn_content(turn: Turn) -> list:
     parts: list = []
     for attachment in turn.attachments:
         parts.append({"path": attachment.path, "alt_text": attachment.label})
-        if attachment.kind is AttachmentKind.AUDIO:
+        if attachment.kind is AttachmentKind.AUDIO and turn.role is Role.USER:
             spoken = " ".join(o.text for o in turn.notes_for(attachment) if o.kind is ObservationKind.TRANSCRIPT)
             parts.append(f"🎤 *{spoken}*" if spoken else "🎤 *(no words recognised)*")
     text = turn.text + ("\n\n*(stopped)*" if turn.interrupted else "")
@@ -192,9 +193,14 @@ class Controls:
 class ChatPage:
     """The chat page over one ChatService. Handlers are methods; `build()` returns the Gradio app."""
 
-    def __init__(self, service: ChatService, browser_secret: str, concurrency_limit: int = 1):
-        """`browser_secret` encrypts the owner key in browsers; keep it across restarts or lists are lost."""
+    def __init__(self, service: ChatService, browser_secret: str, concurrency_limit: int = 1,
+                 voice: VoiceOptions | None = None):
+        """`browser_secret` encrypts the owner key in browsers; keep it across restarts or lists are lost.
+
+        `voice`: spoken replies and call mode (chatbot.web.voice); None leaves them off the page.
+        """
         self.service = service
+        self.voice = voice
         self.browser_secret = browser_secret
         self.concurrency_limit = concurrency_limit
         self._exports = tempfile.TemporaryDirectory(prefix="chatbot-exports-")  # removed when the app exits
@@ -466,6 +472,8 @@ class ChatPage:
             chatbot = self.chat_area()
             status, continue_btn = self.reply_controls()
             box = self.input_row()
+            if self.voice is not None:
+                add_voice_controls(self.service, self.voice, session, chatbot, box, self.owner_of, chat_messages)
             self.wire(demo, Controls(session=session, owner_key=owner_key, chatbot=chatbot, box=box, status=status,
                                      continue_btn=continue_btn, **panel))
         return demo
