@@ -98,30 +98,25 @@ class ConversationSummary:
 class ConversationStore:
     """Thread-safe: one connection, used under a lock (every operation is a short transaction)."""
 
-    def __init__(self, data_dir: Path):
+    def __init__(self, data_dir: Path, database: str | None = None):
+        """`database`: a postgresql:// URL, or None for SQLite in the data directory.
+
+        Attachment files are always kept in `<data_dir>/media`: app copies that share
+        a PostgreSQL database must share that directory too.
+        """
         self.data_dir = Path(data_dir).resolve()
         self.media_dir = self.data_dir / "media"
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.path = self.data_dir / "conversations.sqlite3"
         self._lock = threading.RLock()
-        # isolation_level=None: we open transactions ourselves, so each save is one atomic commit.
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode = WAL")
-        # FULL: a commit is on disk before save() returns (NORMAL could lose it on power loss).
-        self._db.execute("PRAGMA synchronous = FULL")
-        self._db.execute("PRAGMA foreign_keys = ON")
-        self._db.execute("PRAGMA busy_timeout = 5000")
+        self._db = _Postgres(database) if database else _SQLite(self.data_dir / "conversations.sqlite3")
+        self.path = self._db.where
         with self._transaction():
-            version = self._db.execute("PRAGMA user_version").fetchone()[0]
+            version = self._db.schema_version()
             if version == 0:
-                # Statement by statement: executescript() would commit the open transaction.
-                for statement in filter(str.strip, _SCHEMA.split(";")):
-                    self._db.execute(statement)
-                self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                self._db.create_schema(_SCHEMA, SCHEMA_VERSION)
             elif version != SCHEMA_VERSION:
                 raise UserFacingError(f"{self.path} has schema version {version}; this app reads version "
-                                      f"{SCHEMA_VERSION}. Use a matching app version or another --data-dir.")
+                                      f"{SCHEMA_VERSION}. Use a matching app version or another database.")
 
     def close(self) -> None:
         with self._lock:
@@ -301,9 +296,9 @@ class ConversationStore:
     def _insert_turn(self, conv_id: str, position: int, turn: Turn) -> None:
         key = self._db.execute(
             "INSERT INTO turns (conversation_id, position, id, role, text, created, interrupted, notice)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING key",
             (conv_id, position, turn.id, turn.role.value, turn.text, turn.created, int(turn.interrupted),
-             int(turn.notice))).lastrowid
+             int(turn.notice))).fetchone()[0]
         self._db.executemany(
             "INSERT INTO attachments (turn_key, position, kind, path, sha256, name, label) VALUES (?, ?, ?, ?, ?, ?, ?)",
             [(key, i, a.kind.value, self._relative(Path(a.path)), a.sha256, a.name, a.label)
@@ -312,8 +307,8 @@ class ConversationStore:
             "INSERT INTO observations (turn_key, position, kind, text, attachment, source) VALUES (?, ?, ?, ?, ?, ?)",
             [(key, i, o.kind.value, o.text, o.attachment, o.source) for i, o in enumerate(turn.observations)])
 
-    def _children(self, table: str, keys: list[int]) -> dict[int, list[sqlite3.Row]]:
-        found: dict[int, list[sqlite3.Row]] = {}
+    def _children(self, table: str, keys: list[int]) -> dict[int, list]:
+        found: dict[int, list] = {}
         for start in range(0, len(keys), 500):  # stay under SQLite's bound-parameter limit
             chunk = keys[start:start + 500]
             marks = ",".join("?" * len(chunk))
@@ -324,15 +319,15 @@ class ConversationStore:
 
 
 class _Transaction:
-    """BEGIN IMMEDIATE ... COMMIT under the store's lock; rolled back on any error."""
+    """BEGIN (one writer at a time) ... COMMIT under the store's lock; rolled back on any error."""
 
-    def __init__(self, db: sqlite3.Connection, lock: threading.RLock):
+    def __init__(self, db: _SQLite | _Postgres, lock: threading.RLock):
         self.db, self.lock = db, lock
 
     def __enter__(self) -> None:
         self.lock.acquire()
         try:
-            self.db.execute("BEGIN IMMEDIATE")
+            self.db.begin()
         except BaseException:
             self.lock.release()
             raise
@@ -342,3 +337,109 @@ class _Transaction:
             self.db.execute("ROLLBACK" if exc_type else "COMMIT")
         finally:
             self.lock.release()
+
+
+# -- the two databases: everything that differs between their SQL is here -----------------------
+class _SQLite:
+    """A file in the data directory, in WAL mode: one server process (or a few on one machine)."""
+
+    def __init__(self, path: Path):
+        self.where = path
+        # isolation_level=None: we open transactions ourselves, so each save is one atomic commit.
+        self.conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self.conn.row_factory = sqlite3.Row
+        self.conn.execute("PRAGMA journal_mode = WAL")
+        # FULL: a commit is on disk before save() returns (NORMAL could lose it on power loss).
+        self.conn.execute("PRAGMA synchronous = FULL")
+        self.conn.execute("PRAGMA foreign_keys = ON")
+        self.conn.execute("PRAGMA busy_timeout = 5000")
+
+    def execute(self, sql: str, params=()):
+        return self.conn.execute(sql, params)
+
+    def executemany(self, sql: str, rows) -> None:
+        self.conn.executemany(sql, rows)
+
+    def begin(self) -> None:
+        self.conn.execute("BEGIN IMMEDIATE")  # takes the write lock now: no deadlock on upgrade
+
+    def schema_version(self) -> int:
+        return self.conn.execute("PRAGMA user_version").fetchone()[0]
+
+    def create_schema(self, schema: str, version: int) -> None:
+        # Statement by statement: executescript() would commit the open transaction.
+        for statement in filter(str.strip, schema.split(";")):
+            self.conn.execute(statement)
+        self.conn.execute(f"PRAGMA user_version = {version}")
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+class _Postgres:
+    """A PostgreSQL database shared by any number of app copies (psycopg 3).
+
+    The shared SQL is written for SQLite (`?` placeholders); it is portable apart
+    from the placeholder and a few column types, translated here. Write
+    transactions take one advisory lock, so writers queue exactly as SQLite's do
+    and `append`'s check-then-insert stays atomic across processes.
+    """
+
+    _WRITER_LOCK = 0x636861  # any constant; one per database
+
+    def __init__(self, url: str):
+        import psycopg  # only needed for --database postgresql://…
+
+        self.where = _redacted(url)
+        try:
+            self.conn = psycopg.connect(url, autocommit=True, row_factory=_row_factory)
+        except psycopg.Error as error:
+            raise UserFacingError(f"Cannot connect to the database {self.where}: {error}".strip()) from error
+
+    def execute(self, sql: str, params=()):
+        return self.conn.execute(sql.replace("?", "%s"), params)
+
+    def executemany(self, sql: str, rows) -> None:
+        rows = list(rows)
+        if rows:
+            self.conn.cursor().executemany(sql.replace("?", "%s"), rows)
+
+    def begin(self) -> None:
+        self.conn.execute("BEGIN")
+        self.conn.execute("SELECT pg_advisory_xact_lock(%s)", (self._WRITER_LOCK,))
+
+    def schema_version(self) -> int:
+        self.conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+        row = self.conn.execute("SELECT max(version) FROM schema_version").fetchone()
+        return row[0] or 0
+
+    def create_schema(self, schema: str, version: int) -> None:
+        schema = (schema.replace("INTEGER PRIMARY KEY", "BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY")
+                  .replace("INTEGER NOT NULL REFERENCES", "BIGINT NOT NULL REFERENCES")
+                  .replace(" REAL ", " DOUBLE PRECISION "))
+        for statement in filter(str.strip, schema.split(";")):
+            self.conn.execute(statement)
+        self.conn.execute("INSERT INTO schema_version (version) VALUES (%s)", (version,))
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+class _Row(tuple):
+    """A row readable by position and by column name, like sqlite3.Row."""
+
+    names: dict[str, int]
+
+    def __getitem__(self, key):
+        return super().__getitem__(self.names[key] if isinstance(key, str) else key)
+
+
+def _row_factory(cursor):
+    names = {column.name: i for i, column in enumerate(cursor.description or ())}
+    row_type = type("Row", (_Row,), {"names": names})
+    return lambda values: row_type(values)
+
+
+def _redacted(url: str) -> str:
+    """The URL without its password, for messages and logs."""
+    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
