@@ -31,7 +31,7 @@ def build_service(config: Config):
         import torch
 
         torch.set_num_threads(config.threads)
-    store = ConversationStore(config.data_dir)  # first: a bad data dir fails before minutes of model loading
+    store = ConversationStore(config.data_dir, config.database)  # first: a bad data dir fails before minutes of model loading
     log = logging.getLogger("app")
     log.info("Loading the text model '%s' (the first start prepares the bundled weights, about a minute)...",
              config.text_model)
@@ -64,15 +64,31 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nCannot start: {error}", file=sys.stderr)
         return 2
 
+    import gradio as gr
+    import uvicorn
+    from fastapi import FastAPI
+
     from chatbot.conversation.owners import persistent_secret
+    from chatbot.web.openai_api import ApiKeys, openai_router
     from chatbot.web.page import build_ui
 
+    try:
+        keys = ApiKeys.load(config.api_keys_file)
+    except (UserFacingError, OSError) as error:
+        print(f"\nCannot start: {error}", file=sys.stderr)
+        return 2
     # The secret that encrypts each browser's owner key must outlive restarts, or browsers lose their lists.
     demo = build_ui(service, persistent_secret(config.data_dir / "browser-secret"), config.concurrency)
     demo.queue(default_concurrency_limit=1)
+    # One server: the OpenAI-compatible API at /v1 first, the page (mounted at /) takes everything else.
+    app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+    app.include_router(openai_router(service, keys, signed_in=bool(config.auth)))
     # Only the media folder is served (files named by their SHA-256); the database is not.
-    demo.launch(server_name=config.host, server_port=config.port, allowed_paths=[str(service.store.media_dir)],
-                auth=config.auth, show_error=False)
+    app = gr.mount_gradio_app(app, demo, path="/", server_name=config.host, server_port=config.port,
+                              allowed_paths=[str(service.store.media_dir)], auth=config.auth, show_error=False)
+    logging.getLogger("app").info("Serving the page at http://%s:%d/ and the OpenAI-compatible API at /v1",
+                                  config.host, config.port)
+    uvicorn.run(app, host=config.host, port=config.port, log_level="warning")
     return 0
 
 

@@ -13,10 +13,13 @@ marks it as an interrupted, empty reply, which the user can regenerate.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from chatbot.conversation.owners import ChatSession
 from chatbot.conversation.store import (
@@ -26,8 +29,8 @@ from chatbot.conversation.store import (
 )
 from chatbot.errors import UserFacingError
 from chatbot.generation.base import GenerationSettings, ReplyGenerator
-from chatbot.perception.encoder import MultimodalEncoder
-from chatbot.state import Conversation, Role, Turn
+from chatbot.perception.encoder import MultimodalEncoder, file_sha256
+from chatbot.state import DEFAULT_SYSTEM_PROMPT, Conversation, Role, Turn
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +42,24 @@ MAX_TITLE_LENGTH = 120
 class _RunningReply:
     owner: str
     stop: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass(frozen=True)
+class IncomingMessage:
+    """One message of a stateless client's request (the OpenAI protocol sends the whole history each time)."""
+
+    role: Role
+    text: str = ""
+    files: tuple[Path, ...] = ()
+
+
+@dataclass
+class Answer:
+    """A reply being generated for a stateless request: iterate `replies` for the reply so far."""
+
+    conversation: Conversation
+    prompt_tokens: int
+    replies: Iterator[str]
 
 
 # -- the service --------------------------------------------------------------------------
@@ -123,6 +144,53 @@ class ChatService:
         yield ""
         yield from self._reply(owner, conv, settings or self.settings)
 
+    def answer(self, owner: str, messages: list[IncomingMessage],
+               settings: GenerationSettings | None = None) -> Answer:
+        """Answer the last user message of a whole history sent by a stateless client.
+
+        The history is mapped onto one stored conversation of the owner (its id comes
+        from the owner, system prompt and first message), so a client that sends its
+        history again each turn continues the same conversation: the turns already
+        stored, with what was observed in their attachments, are reused (nothing is
+        encoded twice); a history that no longer matches starts a new conversation.
+        Bad input raises UserFacingError before anything is stored.
+        """
+        if not messages or messages[-1].role is not Role.USER:
+            raise UserFacingError("The last message must be the user's.")
+        system = "\n\n".join(m.text for m in messages if m.role is Role.SYSTEM and m.text.strip())
+        dialogue = [m for m in messages if m.role is not Role.SYSTEM]
+        conv = self._thread(owner, system or self.system_prompt or DEFAULT_SYSTEM_PROMPT, dialogue[:-1],
+                            dialogue[0])
+        conv.add_user_turn(self.encoder.encode(dialogue[-1].text, list(dialogue[-1].files)))
+        self._save(owner, conv)
+        settings = settings or self.settings
+        prompt = conv.render(self.generator.count_tokens, self.generator.prompt_budget(settings))
+        tokens = sum(self.generator.count_tokens(m.content) for m in prompt)
+        return Answer(conv, tokens, self._reply(owner, conv, settings))
+
+    def _thread(self, owner: str, system_prompt: str, history: list[IncomingMessage],
+                first: IncomingMessage) -> Conversation:
+        """The stored conversation `history` continues (extended by its new turns), or a new one."""
+        def key(role: Role, text: str, shas) -> tuple:
+            return role.value, text.strip(), tuple(shas)
+
+        incoming = [key(m.role, m.text, map(file_sha256, m.files)) for m in history]
+        seed = json.dumps([owner, system_prompt, key(first.role, first.text, map(file_sha256, first.files))])
+        conv_id = hashlib.sha256(seed.encode()).hexdigest()[:32]
+        try:
+            conv = self.store.load(owner, conv_id)
+        except ConversationNotFound:
+            conv = Conversation(id=conv_id, system_prompt=system_prompt)
+        stored = [key(t.role, t.text, (a.sha256 for a in t.attachments)) for t in conv.turns if not t.notice]
+        if conv.system_prompt != system_prompt or stored != incoming[:len(stored)]:
+            conv, stored = Conversation(system_prompt=system_prompt), []  # the client changed its history
+        for message in history[len(stored):]:
+            if message.role is Role.USER:
+                conv.add_user_turn(self.encoder.encode(message.text, list(message.files)))
+            else:
+                conv.add_assistant_turn(message.text.strip())
+        return conv
+
     def regenerate(self, owner: str, conv: Conversation, settings: GenerationSettings | None = None) -> Iterator[str]:
         """Replace the reply to the last user turn with a new one (streamed like `respond`)."""
         last = self._last_user_turn(conv)
@@ -190,13 +258,22 @@ class ChatService:
         with self._lock:
             self._running[conv.id] = running
         reply = ""
-        failed = finished = False
+        failed = finished = at_stop = False
+        sorry = SORRY
         try:
             messages = conv.render(self.generator.count_tokens, self.generator.prompt_budget(settings))
             for piece in self.generator.stream(messages, settings, running.stop):
                 reply += piece
-                yield reply
+                cut = _cut_at_stop(reply, settings.stop)
+                if cut is not None:
+                    reply, at_stop = cut, True
+                    running.stop.set()  # ends the generation: the reply is complete
+                    break
+                yield _held_back(reply, settings.stop)
             finished = True
+        except UserFacingError as error:  # e.g. a remote reply server that cannot be reached
+            log.warning("Generating a reply failed: %s", error)
+            failed, sorry = True, str(error)
         except Exception:  # noqa: BLE001
             log.exception("Generating a reply failed")
             failed = True
@@ -207,17 +284,18 @@ class ChatService:
                     del self._running[conv.id]
             position = len(conv.turns)
             if reply.strip() or not failed:
-                conv.add_assistant_turn(reply.strip(), interrupted=running.stop.is_set() or not finished)
+                conv.add_assistant_turn(reply.strip(),
+                                        interrupted=(running.stop.is_set() and not at_stop) or not finished)
             if failed:
-                conv.turns.append(Turn(role=Role.ASSISTANT, text=SORRY, notice=True))
+                conv.turns.append(Turn(role=Role.ASSISTANT, text=sorry, notice=True))
             try:
                 if not self.store.append(owner, conv.id, position, conv.turns[position:]):
                     log.info("Conversation %s changed while replying; the reply was not kept", conv.id)
             except Exception:  # noqa: BLE001 - the reply is shown; its loss is logged
                 log.exception("Saving the reply failed")
-        if failed:
-            yield reply
-        elif finished:
+        if failed or settings.stop:
+            yield reply  # the whole of it: an ending held back as a possible stop string, or what came before a failure
+        if finished:
             # While the user reads and types, read the window the next turns will move to (if near).
             ahead = conv.render_ahead(self.generator.count_tokens, self.generator.prompt_budget(settings))
             if ahead:
@@ -240,3 +318,20 @@ class ChatService:
         conv.title = conv.title or " ".join(shown.split())[:60]
         conv.turns.append(Turn(role=Role.USER, text=shown, notice=True))
         conv.turns.append(Turn(role=Role.ASSISTANT, text=message, notice=True))
+
+
+def _cut_at_stop(reply: str, stops: tuple[str, ...]) -> str | None:
+    """The reply up to the first stop string in it, or None if there is none."""
+    found = [reply.index(s) for s in stops if s and s in reply]
+    return reply[:min(found)] if found else None
+
+
+def _held_back(reply: str, stops: tuple[str, ...]) -> str:
+    """The reply less an ending that may be the start of a stop string (not shown until it is known)."""
+    keep = len(reply)
+    for stop in filter(None, stops):
+        for size in range(min(len(stop) - 1, len(reply)), 0, -1):
+            if reply.endswith(stop[:size]):
+                keep = min(keep, len(reply) - size)
+                break
+    return reply[:keep]

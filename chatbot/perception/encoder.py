@@ -77,7 +77,7 @@ class MultimodalEncoder:
         if size > self.limits.max_file_mb * 2**20:
             raise UserFacingError(f"'{name}' is {size / 2**20:.0f} MB; files can be at most "
                                   f"{self.limits.max_file_mb:.0f} MB.")
-        sha = _sha256(path)
+        sha = file_sha256(path)
         cached = self._cached(sha)
         if cached:
             kind, notes = cached
@@ -156,7 +156,7 @@ class MultimodalEncoder:
                 self._cache.popitem(last=False)
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 20):
