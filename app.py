@@ -33,8 +33,11 @@ def build_service(config: Config):
         torch.set_num_threads(config.threads)
     store = ConversationStore(config.data_dir, config.database)  # first: a bad data dir fails before minutes of model loading
     log = logging.getLogger("app")
-    log.info("Loading the text model '%s' (the first start prepares the bundled weights, about a minute)...",
-             config.text_model)
+    if config.text_backend == "openai":
+        log.info("Replies come from '%s' at %s", config.remote_model, config.base_url)
+    else:
+        log.info("Loading the text model '%s' (the first start prepares the bundled weights, about a minute)...",
+                 config.text_model)
     generator = load_generator(config)
     recognizer = None
     if config.speech_model != NO_MODEL:

@@ -35,7 +35,7 @@ def app_a(tmp_path_factory):
 
 def remote_app(data_dir: Path, base_url: str, model: str, *extra: str) -> AppServer:
     return AppServer(data_dir, "--text-backend", "openai", "--base-url", base_url, "--remote-model", model,
-                     "--speech-model", "none", "--max-new-tokens", "400", *extra)
+                     "--speech-model", "none", "--max-new-tokens", "160", *extra)
 
 
 def a_conversations(app: AppServer):
