@@ -4,15 +4,28 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
+import tempfile
 
+from chatbot import media
 from chatbot.config import NO_MODEL, Config, parse_args
 
 
 def configure_environment(config: Config) -> None:
-    """No calls home: set before gradio/transformers are imported, which read these once."""
+    """Private files, no calls home: set before gradio/transformers are imported, which read these once."""
+    os.umask(0o077)  # everything this process writes (database, media, uploads, exports) is the user's alone
+    # Uploads and exports go to a private temp dir under the data dir (not a shared /tmp), emptied at start.
+    # App copies sharing one data dir (with --database) each empty only their own.
+    temp = config.data_dir / "tmp"
+    if config.database:
+        temp = temp / f"{socket.gethostname()}-{config.port}"
+    temp = media.private_dir(temp, clean=True)
+    os.environ["GRADIO_TEMP_DIR"] = str(media.private_dir(temp / "gradio"))
+    tempfile.tempdir = str(temp)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    os.environ["ORT_DISABLE_TELEMETRY"] = "1"  # onnxruntime's uploader (see chatbot/perception/onnx.py)
     if not config.hub_models():
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if config.threads:
@@ -20,10 +33,11 @@ def configure_environment(config: Config) -> None:
 
 
 def build_service(config: Config):
+    from chatbot.conversation.relevance import MiniLMRelevance
     from chatbot.conversation.service import ChatService
     from chatbot.conversation.store import ConversationStore
     from chatbot.generation.base import GenerationSettings, load_generator
-    from chatbot.perception.encoder import MultimodalEncoder
+    from chatbot.perception.encoder import Limits, MultimodalEncoder
     from chatbot.perception.speech import load_recognizer
     from chatbot.perception.vision import load_analyzers
 
@@ -33,6 +47,8 @@ def build_service(config: Config):
         torch.set_num_threads(config.threads)
     store = ConversationStore(config.data_dir, config.database)  # first: a bad data dir fails before minutes of model loading
     log = logging.getLogger("app")
+    if removed := store.collect_garbage():
+        log.info("Removed %d media file(s) no conversation refers to", removed)
     if config.text_backend == "openai":
         log.info("Replies come from '%s' at %s", config.remote_model, config.base_url)
     else:
@@ -45,10 +61,15 @@ def build_service(config: Config):
         recognizer = load_recognizer(config.speech_model, config.speech_language)
     log.info("Loading the image analyzers...")
     analyzers = load_analyzers(config.caption_model)
-    encoder = MultimodalEncoder(store.media_dir, recognizer, analyzers)
+    limits = Limits(max_message_chars=config.max_message_chars, max_files=config.max_files,
+                    max_file_mb=config.max_upload_mb)
+    encoder = MultimodalEncoder(store.media_dir, recognizer, analyzers, limits)
     settings = GenerationSettings(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
                                   top_p=config.top_p, repetition_penalty=config.repetition_penalty)
-    service = ChatService(encoder, generator, store, settings, system_prompt=config.system_prompt)
+    log.info("Loading the sentence embedder (relevance of earlier messages)...")
+    relevance = MiniLMRelevance().load()
+    service = ChatService(encoder, generator, store, settings, system_prompt=config.system_prompt,
+                          relevance=relevance)
     # Every conversation starts with the system prompt: read it now (in the background), not in each first turn.
     generator.prefill(service.new_conversation().render(generator.count_tokens, generator.context_tokens)[:1])
     return service
@@ -56,7 +77,13 @@ def build_service(config: Config):
 
 def main(argv: list[str] | None = None) -> int:
     config = parse_args(argv)
-    configure_environment(config)
+    try:
+        media.private_dir(config.data_dir)
+        configure_environment(config)
+    except OSError as error:
+        print(f"\nCannot start: the data directory {config.data_dir} is not usable ({error.strerror}).",
+              file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # Gradio's own start-up probes
     from chatbot.errors import UserFacingError
@@ -72,8 +99,9 @@ def main(argv: list[str] | None = None) -> int:
     from fastapi import FastAPI
 
     from chatbot.conversation.owners import persistent_secret
+    from chatbot.web import security
     from chatbot.web.openai_api import ApiKeys, openai_router
-    from chatbot.web.page import build_ui
+    from chatbot.web.page import ChatPage
 
     try:
         keys = ApiKeys.load(config.api_keys_file)
@@ -81,16 +109,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nCannot start: {error}", file=sys.stderr)
         return 2
     # The secret that encrypts each browser's owner key must outlive restarts, or browsers lose their lists.
-    demo = build_ui(service, persistent_secret(config.data_dir / "browser-secret"), config.concurrency)
+    page = ChatPage(service, persistent_secret(config.data_dir / "browser-secret"), config.concurrency)
+    demo = page.build()
     demo.queue(default_concurrency_limit=1)
     # One server: the OpenAI-compatible API at /v1 first, the page (mounted at /) takes everything else.
-    app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
+    # The hardening middleware wraps every route of both: safe file headers, no URL fetching, login throttling.
+    app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None, middleware=security.middleware())
     app.include_router(openai_router(service, keys, signed_in=bool(config.auth)))
-    # Only the media folder is served (files named by their SHA-256); the database is not.
+    # Only the media folder is served (files named by their SHA-256); the database is not. No Gradio
+    # banner here (it suggests share=True, a public tunnel this offline app never opens).
     app = gr.mount_gradio_app(app, demo, path="/", server_name=config.host, server_port=config.port,
-                              allowed_paths=[str(service.store.media_dir)], auth=config.auth, show_error=False)
-    logging.getLogger("app").info("Serving the page at http://%s:%d/ and the OpenAI-compatible API at /v1",
-                                  config.host, config.port)
+                              allowed_paths=[str(service.store.media_dir)], auth=config.auth, show_error=False,
+                              max_file_size=int(config.max_upload_mb * 2**20), **page.launch_options())
+    logging.getLogger("app").info("Serving the chat on http://%s:%d/ and the OpenAI-compatible API at /v1 "
+                                  "(Ctrl+C stops it)", config.host, config.port)
     uvicorn.run(app, host=config.host, port=config.port, log_level="warning")
     return 0
 

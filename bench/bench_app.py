@@ -1,9 +1,14 @@
-"""The app as a user meets it: cold start, text turns early and late in a chat, photo and voice turns, memory.
+"""The app as a user meets it: first and later starts, text turns early and late in a chat, photo and voice turns, memory.
 
-    python -m bench.bench_app [--turns 40]
+    python -m bench.bench_app [--turns 40] [--chat-turns 40] [--no-first-start]
 
-Cold start, photo/voice latency and peak RSS are measured on the real server
-process (`app.py`, default settings) through gradio_client. Time to first token
+Starts, photo/voice latency and memory are measured on the real server process
+(`app.py`, default settings) through gradio_client: the first start on a fresh
+machine (empty cache folders: join, convert and quantize the bundled model) up to
+the first reply, then a later start (cache filled) up to the page and the first
+reply, then a chat of --chat-turns turns with 3 photos and 2 voice turns; resident
+memory is read after the start, after the first photo (OCR session) and after the
+first voice turn (Whisper), and the peak at the end. Time to first token
 at turn 2 vs turn N is measured in-process through the app's ChatService on the
 default reply model, with and without reuse of the KV cache across turns. Prints tables; writes JSON under
 bench/results/.
@@ -13,12 +18,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 import time
 from pathlib import Path
 
 from chatbot.config import Config
+from chatbot.conversation.relevance import MiniLMRelevance
 from chatbot.conversation.service import ChatService
 from chatbot.conversation.store import ConversationStore
 from chatbot.generation.transformers_backend import (
@@ -56,14 +63,15 @@ def turn_timings(turns: int, reuse_cache: bool, max_new_tokens: int = 32) -> lis
     settings = GenerationSettings(max_new_tokens=max_new_tokens, temperature=0)
     with tempfile.TemporaryDirectory() as tmp:
         store = ConversationStore(Path(tmp))
-        service = ChatService(MultimodalEncoder(store.media_dir), generator, store, settings)
+        service = ChatService(MultimodalEncoder(store.media_dir), generator, store, settings,
+                              relevance=MiniLMRelevance().load())  # as the app: the tracked state's retrieval
         wait_idle_after(generator.prefill(service.new_conversation().render(generator.count_tokens, 10**6)[:1]))
         conv = service.new_conversation()
         rows = []
         for i in range(turns):
             asked = Conversation.from_dict(conv.to_dict())
             asked.add_user_turn(Turn(role=Role.USER, text=user_message(i)))
-            prompt = asked.render(generator.count_tokens, generator.prompt_budget(settings))
+            prompt = service.prompt(asked)
             start = time.perf_counter()
             first = None
             reply = ""
@@ -89,12 +97,44 @@ def wait_idle_after(*futures) -> float:
     return time.perf_counter() - start
 
 
-# -- the server: cold start, photo and voice turns, memory -------------------------------------------
-def server_timings() -> dict:
-    from gradio_client import Client, handle_file
+# -- the server: starts, photo and voice turns, memory -----------------------------------------------
+PHOTO_TURNS, VOICE_TURNS = (5, 15, 25), (10, 30)  # 1-based turn numbers in the long chat
 
-    from tests.e2e.test_photo_e2e import sign
-    from tests.support.server import AppServer
+
+def first_start() -> dict:
+    """A first start on a fresh machine: empty cache folders, so the bundled weights are joined, converted
+    and quantized before the first reply."""
+    from gradio_client import Client
+
+    from harness.server import AppServer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        fresh = {name: str(tmp / name) for name in ("CHATBOT_CACHE_DIR", "XDG_CACHE_HOME", "HF_HOME")}
+        saved = {name: os.environ.get(name) for name in fresh}
+        os.environ.update(fresh)  # the server process inherits them
+        start = time.perf_counter()
+        try:
+            server = AppServer(tmp / "data", settings=()).start()
+        finally:
+            for name, value in saved.items():
+                os.environ.pop(name) if value is None else os.environ.__setitem__(name, value)
+        try:
+            served = time.perf_counter() - start
+            Client(server.url, verbose=False).predict({"text": "Hello!", "files": []}, api_name="/chat")
+            return {"page_served_s": served, "first_reply_s": time.perf_counter() - start,
+                    "peak_rss_mb": _memory_mb(server.process.pid, "VmHWM")}
+        finally:
+            server.stop()
+
+
+def server_timings(chat_turns: int) -> dict:
+    """A later start (weights cached), then a long chat with photos and voice turns, as one user."""
+    import skimage.data
+    from gradio_client import Client, handle_file
+    from PIL import Image
+
+    from harness.server import AppServer
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -102,27 +142,44 @@ def server_timings() -> dict:
         server = AppServer(tmp / "data", settings=()).start()  # the app's default settings
         served = time.perf_counter() - start
         try:
+            pid = server.process.pid
             client = Client(server.url, verbose=False)
             client.predict({"text": "Hello!", "files": []}, api_name="/chat")
             first_reply = time.perf_counter() - start
-            photo = sign(tmp / "photo.jpg", "BAKERY", "OPEN 7 DAYS")
-            t = time.perf_counter()
-            client.predict({"text": "What does the sign say?", "files": [handle_file(str(photo))]}, api_name="/chat")
-            photo_turn = time.perf_counter() - t
-            t = time.perf_counter()
-            client.predict({"text": "", "files": [handle_file(str(ROOT / "tests/data/capital_of_france.wav"))]},
-                           api_name="/chat")
-            voice_turn = time.perf_counter() - t
-            peak_rss = _peak_rss_mb(server.process.pid)
+            memory = {"after_start_mb": _memory_mb(pid, "VmRSS")}
+            photo_s, voice_s = [], []
+            for turn in range(2, chat_turns + 1):
+                t = time.perf_counter()
+                if turn in PHOTO_TURNS:
+                    # Real photos (scikit-image's samples) under neutral names, a plain question.
+                    sample = ("chelsea", "coffee", "astronaut")[len(photo_s) % 3]
+                    photo = tmp / f"IMG_{turn:04d}.jpg"
+                    Image.fromarray(getattr(skimage.data, sample)()).convert("RGB").save(photo, quality=90)
+                    client.predict({"text": "What is in this photo?", "files": [handle_file(str(photo))]},
+                                   api_name="/chat")
+                    photo_s.append(time.perf_counter() - t)
+                    memory.setdefault("after_first_photo_mb", _memory_mb(pid, "VmRSS"))
+                elif turn in VOICE_TURNS:
+                    client.predict({"text": "", "files": [handle_file(str(ROOT / "tests/data/capital_of_france.wav"))]},
+                                   api_name="/chat")
+                    voice_s.append(time.perf_counter() - t)
+                    memory.setdefault("after_first_voice_mb", _memory_mb(pid, "VmRSS"))
+                else:
+                    client.predict({"text": user_message(turn), "files": []}, api_name="/chat")
+            memory["end_mb"] = _memory_mb(pid, "VmRSS")
+            peak_rss = _memory_mb(pid, "VmHWM")
         finally:
             server.stop()
-    return {"page_served_s": served, "first_reply_s": first_reply, "photo_turn_s": photo_turn,
-            "voice_turn_s": voice_turn, "peak_rss_mb": peak_rss}
+    return {"page_served_s": served, "first_reply_s": first_reply, "chat_turns": chat_turns,
+            "photo_turn_s": statistics.median(photo_s) if photo_s else None,
+            "voice_turn_s": statistics.median(voice_s) if voice_s else None,
+            "memory": memory, "peak_rss_mb": peak_rss}
 
 
-def _peak_rss_mb(pid: int) -> float:
+def _memory_mb(pid: int, field: str) -> float:
+    """A /proc status field in MB: VmRSS (resident now) or VmHWM (peak resident)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -146,13 +203,23 @@ def summarise_turns(rows: list[dict], early: int = 2) -> dict:
     }
 
 
-def format_tables(server: dict | None, turns: dict[str, dict]) -> str:
+def format_tables(server: dict | None, turns: dict[str, dict], first: dict | None = None) -> str:
     lines = []
+    if first:
+        lines += ["| first start (empty caches) → page served | → first reply | peak RSS |", "|---|---|---|",
+                  f"| {first['page_served_s']:.1f} s | {first['first_reply_s']:.1f} s | {first['peak_rss_mb']:.0f} MB |",
+                  ""]
     if server:
-        lines += ["| cold start → page served | cold start → first reply | photo turn | voice turn | peak RSS |",
-                  "|---|---|---|---|---|",
-                  f"| {server['page_served_s']:.1f} s | {server['first_reply_s']:.1f} s | {server['photo_turn_s']:.1f} s "
-                  f"| {server['voice_turn_s']:.1f} s | {server['peak_rss_mb']:.0f} MB |", ""]
+        m = server["memory"]
+        seconds = lambda v: f"{v:.1f} s" if v is not None else "-"  # noqa: E731
+        megabytes = lambda key: f"{m[key]:.0f} MB" if key in m else "-"  # noqa: E731
+        lines += ["| later start → page served | → first reply | photo turn | voice turn | RSS after start "
+                  "| after 1st photo (OCR) | after 1st voice (Whisper) | RSS at end | peak RSS "
+                  f"({server['chat_turns']} turns) |", "|---|---|---|---|---|---|---|---|---|",
+                  f"| {server['page_served_s']:.1f} s | {server['first_reply_s']:.1f} s "
+                  f"| {seconds(server['photo_turn_s'])} | {seconds(server['voice_turn_s'])} "
+                  f"| {megabytes('after_start_mb')} | {megabytes('after_first_photo_mb')} "
+                  f"| {megabytes('after_first_voice_mb')} | {megabytes('end_mb')} | {server['peak_rss_mb']:.0f} MB |", ""]
     lines += ["| text turns | TTFT turn 2 | TTFT last turn | last / 2 | median TTFT 1-3 | median TTFT last 3 "
               "| worst TTFT | prompt tokens (last) | tok/s turn 2 | tok/s last | longest read-ahead |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -164,10 +231,12 @@ def format_tables(server: dict | None, turns: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def run(turns: int = 40, with_server: bool = True, without_cache: bool = True) -> dict:
-    results: dict = {"server": server_timings() if with_server else None, "turns": {}, "raw_turns": {}}
+def run(turns: int = 40, with_server: bool = True, without_cache: bool = True, chat_turns: int = 40,
+        with_first_start: bool = True) -> dict:
+    results: dict = {"first_start": first_start() if with_server and with_first_start else None,
+                     "server": server_timings(chat_turns) if with_server else None, "turns": {}, "raw_turns": {}}
     variants = [("prefix cache (default)", True)] + ([("no prefix cache", False)] if without_cache else [])
-    for name, reuse in variants:
+    for name, reuse in variants if turns else []:
         rows = turn_timings(turns, reuse)
         results["raw_turns"][name] = rows
         results["turns"][name] = summarise_turns(rows)
@@ -176,12 +245,14 @@ def run(turns: int = 40, with_server: bool = True, without_cache: bool = True) -
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--turns", type=int, default=40)
-    parser.add_argument("--no-server", action="store_true", help="skip cold start / photo / voice / RSS")
+    parser.add_argument("--turns", type=int, default=40, help="in-process text turns for TTFT (0: skip)")
+    parser.add_argument("--chat-turns", type=int, default=40, help="turns of the server chat (3 photos, 2 voice)")
+    parser.add_argument("--no-server", action="store_true", help="skip starts / photo / voice / memory")
+    parser.add_argument("--no-first-start", action="store_true", help="skip the first start with empty caches")
     parser.add_argument("--no-baseline", action="store_true", help="skip the run without KV-cache reuse")
     args = parser.parse_args(argv)
-    results = run(args.turns, not args.no_server, not args.no_baseline)
-    print(format_tables(results["server"], results["turns"]))
+    results = run(args.turns, not args.no_server, not args.no_baseline, args.chat_turns, not args.no_first_start)
+    print(format_tables(results["server"], results["turns"], results["first_start"]))
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     (RESULTS_DIR / "bench_app.json").write_text(json.dumps(results, indent=1))
     return results

@@ -1,13 +1,20 @@
-"""Generation speed of the reply model: transformers (fp32 and each quantize mode) against llama.cpp.
+"""Generation speed and memory of the reply model at matched precision: ours (torch) against llama.cpp.
 
-    python -m bench.bench_generation [--model qwen2.5-0.5b] [--runtimes none,int8,int4,llama.cpp]
+    python -m bench.bench_generation [--model qwen2.5-0.5b] [--rounds 3]
+        [--runtimes int4,llama.cpp-Q4_0,int8,llama.cpp-Q8_0,llama.cpp-shipped]
 
+Ours int4 is compared with llama.cpp on a Q4_0 requantization of the bundled GGUF,
+ours int8 with a Q8_0 one (both made once by llama.cpp and cached); the GGUF as
+shipped (a Q5_0/Q6_K/Q4_K/Q8_0 mix) and fp32 transformers ("none") are extra rows.
 Every runtime gets the same chat-templated prompt as the same token ids, greedy
-decoding of exactly N new tokens (end-of-sequence is ignored so all runs do the
-same work), the same thread count, and a fresh process so that load time and
-peak RSS belong to that runtime alone. Tokens/s is the decode rate after the
-first token; time to first token covers the prompt. The table is printed and
-written as JSON under bench/results/.
+decoding of exactly N new tokens (end-of-sequence ignored, so all runs do the same
+work), the same thread count. Each measurement is a fresh process (load time and
+peak RSS belong to that runtime alone), and runtimes alternate round by round
+(A B C A B C ...) so a busy neighbour on the shared CPU hits all of them alike;
+the table shows medians over the rounds. Our rows load the way the app does (the
+cached quantized checkpoint). Tokens/s is the decode rate after the first token;
+time to first token covers the prompt. The table is printed and written as JSON
+under bench/results/.
 """
 
 from __future__ import annotations
@@ -28,8 +35,11 @@ from transformers.generation.streamers import BaseStreamer
 from bench import llama_cpp_peer
 from chatbot.weights import CHAT_MODELS
 
-LLAMA_CPP = "llama.cpp"
-TORCH_RUNTIMES = ("none", "int8", "int4")  # quantize() modes
+LLAMA_CPP = "llama.cpp-"  # + a FILE_TYPES key, or "shipped" for the bundled file as it is
+SHIPPED = "shipped"
+# Which llama.cpp file each of our modes is held against (the ratio that counts).
+MATCHED = {"int4": LLAMA_CPP + "Q4_0", "int8": LLAMA_CPP + "Q8_0"}
+DEFAULT_RUNTIMES = ("int4", LLAMA_CPP + "Q4_0", "int8", LLAMA_CPP + "Q8_0", LLAMA_CPP + SHIPPED)
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 QUESTION = {"role": "user", "content": "Write a Python function that checks whether a string is a palindrome, "
                                       "and explain how it works."}
@@ -87,30 +97,37 @@ def _timed_generate(model, ids: torch.Tensor, max_new_tokens: int) -> tuple[floa
 
 def measure_transformers(model_key: str, mode: str, ids: list[int], max_new_tokens: int, threads: int,
                          repeats: int) -> dict:
-    """Load the converted checkpoint, quantize it with `mode`, and time greedy `generate`."""
+    """Load the model as the app does (quantized checkpoint; fp32 for "none") and time greedy `generate`."""
     from transformers import AutoModelForCausalLM
 
     from chatbot.generation import decode_step
-    from chatbot.generation.quantize import quantize
+    from chatbot.generation.transformers_backend import load_bundled
 
     torch.set_num_threads(threads)
     start = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(CHAT_MODELS[model_key].checkpoint_dir(), dtype=torch.float32)
-    loaded = time.perf_counter()
-    model = quantize(model.eval(), mode)
-    if mode != "none":  # the app's path; "none" stays plain transformers, the baseline
+    if mode == "none":  # plain transformers, the baseline
+        model = AutoModelForCausalLM.from_pretrained(CHAT_MODELS[model_key].checkpoint_dir(), dtype=torch.float32)
+    else:
+        model = load_bundled(model_key, mode)
         decode_step.attach(model)
     load_s = time.perf_counter() - start
     batch = torch.tensor([ids])
+    _timed_generate(model, batch, 4)  # warm-up: first-call costs are not decoding speed
     runs = [_timed_generate(model, batch, max_new_tokens) for _ in range(repeats)]
-    return {"load_s": load_s, "quantize_s": load_s - (loaded - start),
-            "ttft_s": [r[0] for r in runs], "tok_s": [r[1] for r in runs]}
+    return {"load_s": load_s, "ttft_s": [r[0] for r in runs], "tok_s": [r[1] for r in runs]}
+
+
+def gguf_file(model_key: str, variant: str) -> Path:
+    shipped = CHAT_MODELS[model_key].gguf_path()
+    return shipped if variant == SHIPPED else llama_cpp_peer.requantized(shipped, variant)
 
 
 def measure(runtime: str, model_key: str, ids: list[int], max_new_tokens: int, threads: int, repeats: int) -> dict:
     """Time one runtime in this process; adds the process's peak RSS."""
-    if runtime == LLAMA_CPP:
-        result = llama_cpp_peer.measure(CHAT_MODELS[model_key].gguf_path(), ids, max_new_tokens, threads, repeats)
+    if runtime.startswith(LLAMA_CPP):
+        path = gguf_file(model_key, runtime.removeprefix(LLAMA_CPP))
+        result = llama_cpp_peer.measure(path, ids, max_new_tokens, threads, repeats)
+        result["file_mb"] = path.stat().st_size / 1e6
     else:
         result = measure_transformers(model_key, runtime, ids, max_new_tokens, threads, repeats)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
@@ -127,38 +144,58 @@ def measure_in_subprocess(runtime: str, model_key: str, ids: list[int], max_new_
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def summarise(runtime: str, raw: dict) -> dict:
-    label = {LLAMA_CPP: LLAMA_CPP, "none": "transformers fp32"}.get(runtime, f"ours, {runtime}")
-    return {"runtime": label, "mode": runtime,
-            "load_s": raw["load_s"], "ttft_s": statistics.median(raw["ttft_s"]),
-            "tok_s": statistics.median(raw["tok_s"]), "peak_rss_mb": raw["peak_rss_mb"], "raw": raw}
+def label(runtime: str) -> str:
+    if runtime.startswith(LLAMA_CPP):
+        variant = runtime.removeprefix(LLAMA_CPP)
+        return f"llama.cpp, {'GGUF as shipped' if variant == SHIPPED else variant}"
+    return "transformers fp32" if runtime == "none" else f"ours, {runtime}"
+
+
+def summarise(runtime: str, rounds: list[dict]) -> dict:
+    """Medians over the rounds (each round: one fresh process; its own runs' median first)."""
+    med = lambda key: statistics.median(statistics.median(r[key]) if isinstance(r[key], list) else r[key]  # noqa: E731
+                                        for r in rounds)
+    return {"runtime": label(runtime), "mode": runtime, "rounds": len(rounds), "load_s": med("load_s"),
+            "ttft_s": med("ttft_s"), "tok_s": med("tok_s"), "tok_s_each": [statistics.median(r["tok_s"]) for r in rounds],
+            "peak_rss_mb": med("peak_rss_mb"), "raw": rounds}
 
 
 def add_ratios(rows: list[dict]) -> None:
-    """Tokens/s of each row relative to llama.cpp's (None when llama.cpp was not run)."""
-    peer = next((r["tok_s"] for r in rows if r["runtime"] == LLAMA_CPP), None)
+    """Each of our rows against its matched-precision llama.cpp row: tokens/s and peak RSS (None if not run)."""
+    by_mode = {r["mode"]: r for r in rows}
     for row in rows:
-        row["vs_llama_cpp"] = row["tok_s"] / peer if peer else None
+        peer = by_mode.get(MATCHED.get(row["mode"], ""))
+        row["matched_peer"] = peer["runtime"] if peer else None
+        row["tok_s_vs_peer"] = row["tok_s"] / peer["tok_s"] if peer else None
+        row["rss_vs_peer"] = row["peak_rss_mb"] / peer["peak_rss_mb"] if peer else None
 
 
 def format_table(rows: list[dict]) -> str:
-    header = f"{'runtime':<22} {'load s':>7} {'TTFT ms':>8} {'tok/s':>7} {'vs llama.cpp':>13} {'peak RSS MB':>12}"
+    header = (f"{'runtime':<26} {'load s':>7} {'TTFT ms':>8} {'tok/s':>7} {'peak RSS MB':>12} "
+              f"{'tok/s vs matched llama.cpp':>27} {'RSS vs matched':>15}")
     lines = [header, "-" * len(header)]
     for r in rows:
-        ratio = f"{r['vs_llama_cpp']:.2f}x" if r["vs_llama_cpp"] else "-"
-        lines.append(f"{r['runtime']:<22} {r['load_s']:>7.1f} {r['ttft_s'] * 1e3:>8.0f} {r['tok_s']:>7.1f} "
-                     f"{ratio:>13} {r['peak_rss_mb']:>12.0f}")
+        speed = f"{r['tok_s_vs_peer']:.2f}x" if r["tok_s_vs_peer"] else "-"
+        memory = f"{r['rss_vs_peer']:.2f}x" if r["rss_vs_peer"] else "-"
+        lines.append(f"{r['runtime']:<26} {r['load_s']:>7.1f} {r['ttft_s'] * 1e3:>8.0f} {r['tok_s']:>7.1f} "
+                     f"{r['peak_rss_mb']:>12.0f} {speed:>27} {memory:>15}")
     return "\n".join(lines)
 
 
 def run(runtimes: list[str], model_key: str, prompt: str, max_new_tokens: int, threads: int,
-        repeats: int) -> list[dict]:
+        rounds: int, repeats: int) -> list[dict]:
     ids = prompt_ids(model_key, PROMPTS[prompt])
-    rows = []
-    for runtime in runtimes:
-        print(f"... {runtime}", file=sys.stderr, flush=True)
-        rows.append(summarise(runtime, measure_in_subprocess(runtime, model_key, ids, max_new_tokens, threads,
-                                                             repeats)))
+    for runtime in runtimes:  # made once and cached, outside the timed rounds
+        if runtime.startswith(LLAMA_CPP):
+            gguf_file(model_key, runtime.removeprefix(LLAMA_CPP))
+        elif runtime != "none":
+            measure_in_subprocess(runtime, model_key, ids, 2, threads, 1)  # first start: quantize once
+    results: dict[str, list[dict]] = {r: [] for r in runtimes}
+    for index in range(rounds):
+        for runtime in runtimes:
+            print(f"... round {index + 1}/{rounds}: {runtime}", file=sys.stderr, flush=True)
+            results[runtime].append(measure_in_subprocess(runtime, model_key, ids, max_new_tokens, threads, repeats))
+    rows = [summarise(runtime, results[runtime]) for runtime in runtimes]
     add_ratios(rows)
     return rows
 
@@ -178,21 +215,27 @@ def _worker() -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="qwen2.5-0.5b", choices=sorted(CHAT_MODELS))
-    parser.add_argument("--runtimes", default=",".join((*TORCH_RUNTIMES, LLAMA_CPP)),
-                        help="comma-separated: quantize modes and/or llama.cpp")
+    parser.add_argument("--runtimes", default=",".join(DEFAULT_RUNTIMES),
+                        help="comma-separated: quantize modes (none = fp32) and/or llama.cpp-Q4_0, llama.cpp-Q8_0, "
+                             "llama.cpp-shipped")
     parser.add_argument("--prompt", default="short", choices=sorted(PROMPTS),
                         help="short: one question; long: the same question after 30 earlier turns")
     parser.add_argument("--max-new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3, help="fresh processes per runtime, alternating")
+    parser.add_argument("--repeats", type=int, default=1, help="timed runs inside each process")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         return _worker()
     settings = {"model": args.model, "prompt": args.prompt, "max_new_tokens": args.max_new_tokens,
-                "threads": args.threads, "repeats": args.repeats, "load_average": os.getloadavg()}
-    rows = run(args.runtimes.split(","), args.model, args.prompt, args.max_new_tokens, args.threads, args.repeats)
+                "threads": args.threads, "rounds": args.rounds, "repeats": args.repeats,
+                "load_average": os.getloadavg()}
+    rows = run(args.runtimes.split(","), args.model, args.prompt, args.max_new_tokens, args.threads, args.rounds,
+               args.repeats)
+    settings["load_average_after"] = os.getloadavg()
     print(format_table(rows))
+    print(f"load average before/after: {settings['load_average']} / {settings['load_average_after']}")
     print(f"written to {write_results(rows, settings)}")
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from chatbot import weights
 from chatbot.generation.base import BACKENDS
+from chatbot.perception.encoder import Limits
 
 NO_MODEL = "none"
 
@@ -29,7 +30,7 @@ class Config:
     speech_language: str | None = None
     caption_model: str | None = None
     max_new_tokens: int = 256
-    temperature: float = 0.7
+    temperature: float = 0.0  # greedy: chosen on bench.quality (README)
     top_p: float = 0.9
     repetition_penalty: float = 1.1
     max_context: int = 2048
@@ -43,6 +44,9 @@ class Config:
     base_url: str | None = None  # of an OpenAI-compatible server (--text-backend openai)
     api_key_file: Path | None = None
     remote_model: str | None = None
+    max_message_chars: int = Limits.max_message_chars
+    max_files: int = Limits.max_files
+    max_upload_mb: float = Limits.max_file_mb
 
     def hub_models(self) -> list[str]:
         """Model specs that are neither bundled nor local folders: loading them needs the hub."""
@@ -58,20 +62,47 @@ def _user_password(value: str) -> tuple[str, str]:
     return user, password
 
 
+AUTH_ENV = "CHATBOT_AUTH"
+
+
+def _read_auth_file(value: str) -> list[tuple[str, str]]:
+    """USER:PASSWORD lines (blank lines and # comments skipped): passwords stay out of `ps`."""
+    try:
+        lines = Path(value).read_text(encoding="utf-8").splitlines()
+    except OSError as error:
+        raise argparse.ArgumentTypeError(f"cannot read {value}: {error.strerror}") from None
+    return [_user_password(line.strip()) for line in lines if line.strip() and not line.lstrip().startswith("#")]
+
+
+class _HelpWithDefaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each setting's default, except where there is none (the help says what happens then)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is argparse.SUPPRESS:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
 def parse_args(argv: list[str] | None = None) -> Config:
     d = Config()
     p = argparse.ArgumentParser(
         prog="app.py", description="A multimodal chatbot in your browser: type, attach photos, speak. "
         "Runs offline on the CPU with bundled models; any Hugging Face model id can be chosen instead.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        epilog="Environment: CHATBOT_CACHE_DIR sets where the bundled weights are prepared on first use "
+        "(default: ~/.cache/multimodal-chatbot); XDG_DATA_HOME moves the default --data-dir.",
+        formatter_class=_HelpWithDefaults)
     net = p.add_argument_group("server")
     net.add_argument("--host", default=d.host, help="address to listen on (0.0.0.0 exposes it to your network)")
-    net.add_argument("--port", type=int, default=d.port)
+    net.add_argument("--port", type=int, default=d.port, help="port to serve the page and the API on")
     net.add_argument("--data-dir", type=Path, default=d.data_dir,
                      help="where conversations (an SQLite database) and their attachments are kept")
     net.add_argument("--auth", action="append", type=_user_password, metavar="USER:PASSWORD",
                      help="require signing in (repeat for more users); each user then sees only their own "
-                          "conversations, on any browser. Use it whenever the server is reachable beyond localhost")
+                          "conversations, on any browser. Use it whenever the server is reachable beyond localhost. "
+                          "Visible to other local users in `ps`: prefer --auth-file or the "
+                          f"{AUTH_ENV} environment variable (USER:PASSWORD, several separated by spaces)")
+    net.add_argument("--auth-file", type=_read_auth_file, metavar="FILE",
+                     help="sign-in users from a file of USER:PASSWORD lines (keep it readable by you only)")
     net.add_argument("--concurrency", type=int, default=d.concurrency,
                      help="replies generated at the same time; further requests wait in a queue and see their place")
     net.add_argument("--database", default=d.database, metavar="postgresql://USER:PASSWORD@HOST/DB",
@@ -81,6 +112,12 @@ def parse_args(argv: list[str] | None = None) -> Config:
                      help="API keys of the OpenAI-compatible API at /v1, one NAME:KEY a line (also "
                           "$CHATBOT_API_KEYS, comma-separated); a key's owner is the signed-in user NAME. "
                           "Without keys the API answers this machine only")
+    caps = p.add_argument_group("limits of one message (each holds the model while it is read)")
+    caps.add_argument("--max-message-chars", type=int, default=d.max_message_chars,
+                      help="longer messages are refused; the model reads at most its context of a long one")
+    caps.add_argument("--max-files", type=int, default=d.max_files, help="photos and recordings per message")
+    caps.add_argument("--max-upload-mb", type=float, default=d.max_upload_mb,
+                      help="size of one uploaded file (the web server refuses larger uploads)")
     models = p.add_argument_group("models")
     models.add_argument("--text-backend", default=d.text_backend, choices=sorted(BACKENDS),
                         help="what writes the replies: a model in this process (transformers) or an "
@@ -106,14 +143,19 @@ def parse_args(argv: list[str] | None = None) -> Config:
                         help="optional image captioning model, a Hugging Face id / folder "
                              "(e.g. Salesforce/blip-image-captioning-base)")
     gen = p.add_argument_group("generation")
-    gen.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens)
+    gen.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens,
+                     help="longest reply in tokens; a reply cut there is marked and can be continued")
     gen.add_argument("--temperature", type=float, default=d.temperature, help="0 for greedy decoding")
-    gen.add_argument("--top-p", type=float, default=d.top_p)
-    gen.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty)
+    gen.add_argument("--top-p", type=float, default=d.top_p,
+                     help="sample only from the most likely tokens that together reach this probability")
+    gen.add_argument("--repetition-penalty", type=float, default=d.repetition_penalty,
+                     help="above 1 discourages repeating words already in the prompt or reply")
     gen.add_argument("--max-context", type=int, default=d.max_context,
                      help="token budget of prompt plus reply; older turns are condensed beyond it")
-    gen.add_argument("--threads", type=int, default=d.threads, help="CPU threads for the models")
-    gen.add_argument("--system-prompt", default=d.system_prompt, help="replace the default system prompt")
+    gen.add_argument("--threads", type=int, default=d.threads,
+                     help="CPU threads for the models (default: as many as torch chooses, usually all cores)")
+    gen.add_argument("--system-prompt", default=d.system_prompt,
+                     help="replace the default system prompt (default: a short helpful-assistant prompt)")
     args = p.parse_args(argv)
     if args.concurrency < 1:
         p.error("--concurrency must be at least 1")
@@ -121,5 +163,13 @@ def parse_args(argv: list[str] | None = None) -> Config:
         p.error("--text-backend openai needs --base-url and --remote-model")
     if args.database and not args.database.startswith(("postgresql://", "postgres://")):
         p.error("--database takes a postgresql:// URL (SQLite is the default, in --data-dir)")
+    if min(args.max_message_chars, args.max_files, args.max_upload_mb) <= 0:
+        p.error("--max-message-chars, --max-files and --max-upload-mb must be positive")
     caption = None if args.caption_model in (None, NO_MODEL) else args.caption_model
-    return Config(**{**vars(args), "caption_model": caption})
+    try:
+        from_env = [_user_password(v) for v in os.environ.get(AUTH_ENV, "").split()]
+    except argparse.ArgumentTypeError as error:
+        p.error(f"{AUTH_ENV}: {error}")
+    auth = (args.auth or []) + (args.auth_file or []) + from_env
+    settings = {k: v for k, v in vars(args).items() if k != "auth_file"}
+    return Config(**{**settings, "caption_model": caption, "auth": auth or None})

@@ -16,12 +16,18 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from enum import Enum
 
+from chatbot.memory import Item, Relevance, Said, TrackedState
+
 DEFAULT_SYSTEM_PROMPT = (
     "You are a friendly, helpful assistant in a chat app. Users can type, attach photos and "
     "speak. You cannot see photos or hear audio directly: you get notes about each attachment "
-    "in square brackets (text read from a photo, what was detected in it, a transcript of "
-    "speech). Use those notes and everything said earlier in the conversation. When the user mentions a photo or "
-    "recording, find it in the bracketed notes of earlier messages and answer from them. Answer briefly."
+    "in square brackets (a transcript of speech; what image models recognised in a photo, with "
+    "how sure they were, and text read in it). Use those notes and everything said earlier. When the user "
+    "mentions a photo or recording, answer from its notes in earlier messages. Say only what the notes "
+    "support; if they say the models could not tell, say you cannot tell. Answer briefly."
+    # The tracked state (chatbot.memory) comes in a "[Notes for you ...]" block in the newest message.
+    " The [Notes for you] before the user's message list what the user told you earlier, in your words to "
+    "them: answer questions about the user from them, and call the user \"you\"."
 )
 
 
@@ -43,10 +49,16 @@ class ObservationKind(str, Enum):
     LANGUAGE = "language"  # the language a recording was spoken in
     OCR = "ocr"  # text read in a photo
     CAPTION = "caption"  # a captioning / question-answering model's description
+    LABELS = "labels"  # what the whole picture shows (an image classifier), with its probability
+    OBJECTS = "objects"  # things found in the picture (an object detector), counted, with positions
     FACES = "faces"
     CATS = "cats"
     FACTS = "facts"  # size, colours, brightness, EXIF
 
+
+# Notes that say what a photo shows (the rest, size and colours, do not).
+_SEEN_IN_PHOTOS = {ObservationKind.LABELS, ObservationKind.OBJECTS, ObservationKind.CAPTION, ObservationKind.OCR,
+                   ObservationKind.FACES, ObservationKind.CATS}
 
 # What a user calls each kind of attachment; used for numbering ("Photo 2").
 _KIND_LABEL = {AttachmentKind.IMAGE: "Photo", AttachmentKind.AUDIO: "Recording"}
@@ -94,6 +106,7 @@ class Turn:
     id: str = field(default_factory=new_id)
     created: float = field(default_factory=time.time)
     interrupted: bool = False  # an assistant reply stopped before it finished
+    cut: bool = False  # an assistant reply that reached the token limit (max_new_tokens); it can be continued
     notice: bool = False  # shown in the chat but never sent to the model (e.g. a rejected upload)
 
     def __post_init__(self) -> None:
@@ -112,10 +125,27 @@ class Turn:
             spoken = " ".join(o.text for o in notes if o.kind is ObservationKind.TRANSCRIPT).strip()
             extra = "".join(f", {o.text}" for o in notes if o.kind is not ObservationKind.TRANSCRIPT)
             return f"[{attachment.label}: a voice message{extra}]\n" + (spoken or "(no recognisable speech)")
-        details = "; ".join(o.text for o in notes) or "no details could be extracted"
-        # Small models do not map "my first photo" to "Photo 1" by themselves.
+        details = _photo_details(notes)
+        # Small models do not map "my first photo" to "Photo 1" by themselves. The file name stays
+        # out: the model took "coffee.jpg" for what the photo shows.
         ordinal = _ordinal(attachment.label)
-        return f"[{attachment.label}, the user's {ordinal} photo ({attachment.name or 'image'}): {details}]"
+        return f"[{attachment.label}, the user's {ordinal} photo: {details}]"
+
+    def items(self, index: int) -> list[Item]:
+        """The turn's attachments as the tracked state keeps them (labels, other names, notes)."""
+        out = []
+        for a in self.attachments:
+            notes = self.notes_for(a)
+            ordinal = _ordinal(a.label)
+            if a.kind is AttachmentKind.AUDIO:
+                spoken = " ".join(o.text for o in notes if o.kind is ObservationKind.TRANSCRIPT).strip()
+                note = f'a voice message; the user said: "{spoken}"' if spoken else "a voice message without speech"
+                names = (f"{ordinal} recording", f"{ordinal} voice message", "voice message", "recording")
+            else:
+                note = _photo_details(notes)
+                names = (f"{ordinal} photo", f"{ordinal} picture", f"{ordinal} image")
+            out.append(Item(a.label, names, note, index))
+        return out
 
     def model_text(self) -> str:
         """The turn as the decoder reads it: attachment notes, then what was typed.
@@ -163,9 +193,9 @@ class Conversation:
         return turn
 
     def add_assistant_turn(self, text: str, interrupted: bool = False,
-                           attachments: list[Attachment] = ()) -> Turn:
+                           attachments: list[Attachment] = (), cut: bool = False) -> Turn:
         """Append a reply; its media (e.g. the reply spoken) are numbered apart from the user's."""
-        turn = Turn(role=Role.ASSISTANT, text=text, interrupted=interrupted, attachments=list(attachments))
+        turn = Turn(role=Role.ASSISTANT, text=text, interrupted=interrupted, attachments=list(attachments), cut=cut)
         self._number(turn, Role.ASSISTANT, _ASSISTANT_LABEL)
         self.turns.append(turn)
         return turn
@@ -183,18 +213,47 @@ class Conversation:
         return [a for t in self.turns if role is None or t.role is role for a in t.attachments]
 
     # -- rendering ----------------------------------------------------------------
-    def render(self, count_tokens: Callable[[str], int], budget: int) -> list[Message]:
+    def render(self, count_tokens: Callable[[str], int], budget: int,
+               relevance: Relevance | None = None) -> list[Message]:
         """Messages for the decoder whose total token count stays within `budget`.
 
-        The system prompt and the newest turn always stay. When the history is
+        The system prompt and the newest turn always stay; a newest turn longer
+        than the whole budget keeps its beginning and end. When the history is
         too long the oldest turns are dropped whole, and what they held is
         condensed into a note in the system message: every attachment's notes
         first (later turns often refer back to a photo or recording), then the
         user's own words, newest first, shortened if need be.
+
+        The tracked state (`tracked`: facts the user stated, photos and recordings,
+        the dropped messages most `relevance`-related to the newest one) goes into
+        the newest message: it changes every turn, so it must come after the
+        history, whose rendering stays the same from turn to turn (the decoder
+        reuses its cache for it). It gets a fixed share of the budget.
         """
         turns, messages, cost, base = self._costed(count_tokens)
-        first, note = self._window_start(turns, cost, base, budget, count_tokens)
-        return self._window(messages, first, note)
+        history = _history_budget(budget)
+        first, note = self._window_start(turns, cost, base, history, count_tokens)
+        window = self._window(messages, first, note)
+        # The newest turn alone may be longer than the budget (a pasted document): keep what fits of it.
+        over = count_tokens(window[0].content) + _MESSAGE_OVERHEAD + sum(cost[first:]) - history
+        if over > 0 and len(window) > 1:
+            newest = window[-1]
+            window[-1] = Message(newest.role, _clipped(newest.content, count_tokens, cost[-1] - _MESSAGE_OVERHEAD - over))
+        if turns and turns[-1].role is Role.USER:
+            dropped = [Said(t.text, i) for i, t in enumerate(turns[:first]) if t.role is Role.USER]
+            block = self.tracked(turns[:-1]).render(turns[-1].text or window[-1].content, dropped, count_tokens,
+                                                    budget - history, relevance)
+            if block:
+                window[-1] = Message(Role.USER, f"{block}\n{window[-1].content}")
+        return window
+
+    def tracked(self, turns: list[Turn] | None = None) -> TrackedState:
+        """The tracked state after `turns` (all turns by default), derived from them: nothing extra is stored."""
+        state = TrackedState()
+        for i, turn in enumerate(self.turns if turns is None else turns):
+            if turn.role is Role.USER and not turn.notice:
+                state.update(i, turn.text, turn.items(i))
+        return state
 
     def render_ahead(self, count_tokens: Callable[[str], int], budget: int) -> list[Message] | None:
         """The history as `render` will give it once the window next moves, or None if that is not near.
@@ -203,16 +262,28 @@ class Conversation:
         window again; reading it ahead of time, while the user reads the reply and
         types, keeps that turn as quick as the others. "Near" is within a quarter of
         the budget, a few turns ahead. Call it when the history ends with a reply.
+
+        The next exchanges are simulated (each costing what the last one did), so the
+        prediction is where `render` itself will move, not an estimate of it.
         """
         turns, messages, cost, base = self._costed(count_tokens)
         if not turns or turns[-1].role is not Role.ASSISTANT:
             return None
+        budget = _history_budget(budget)
         current, _ = self._window_start(turns[:-1], cost[:-1], base, budget, count_tokens)  # the last prompt's
-        used = base + sum(cost[current:]) + (budget // 4 if current else 0)  # the window moves once this > budget
-        ahead = next((s for s in self._window_starts(turns, cost, step=budget // 2)[:-1] if s > current), None)
-        if ahead is None or used < budget - budget // 4:
-            return None
-        return self._window(messages, ahead, self._condensed(turns[:ahead], count_tokens, budget // 4))
+        asked = next(c for t, c in zip(reversed(turns), reversed(cost), strict=True) if t.role is Role.USER)
+        future, future_cost, added = list(turns), list(cost), 0
+        while added <= budget // 4:
+            future.append(Turn(role=Role.USER))
+            future_cost.append(asked)
+            start, note = self._window_start(future, future_cost, base, budget, count_tokens)
+            if start > current:
+                # At len(turns) the window will hold only the next question: its start is still known.
+                return self._window(messages, start, note) if start <= len(turns) else None
+            future.append(Turn(role=Role.ASSISTANT))
+            future_cost.append(cost[-1])
+            added += asked + cost[-1]
+        return None
 
     def _window_start(self, turns: list[Turn], cost: list[int], base: int, budget: int,
                       count_tokens: Callable[[str], int]) -> tuple[int, str]:
@@ -292,6 +363,26 @@ class Conversation:
 _MESSAGE_OVERHEAD = 6
 
 
+def _history_budget(budget: int) -> int:
+    """The part of a prompt budget for the system prompt and the history; the rest is the tracked state's.
+
+    A fixed share, so where the window starts does not move with the state's size; small budgets
+    still leave the state room for a few facts.
+    """
+    return budget - max(budget // 6, min(128, budget // 3))
+
+
+def _photo_details(notes: list[Observation]) -> str:
+    """What a photo's notes say, or that the models could not tell.
+
+    Said outright and alone: given the size and colours, a small model describes those
+    ("a bright, mostly white landscape") as if they were the answer.
+    """
+    if not any(o.kind in _SEEN_IN_PHOTOS for o in notes):
+        return "the image models could not tell what it shows"
+    return "; ".join(o.text for o in notes)
+
+
 def _enum_value(value):
     if isinstance(value, Enum):
         return value.value
@@ -301,6 +392,23 @@ def _enum_value(value):
 def _shorten(text: str, limit: int) -> str:
     text = " ".join(text.split())
     return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
+
+
+def _clipped(text: str, count_tokens: Callable[[str], int], room: int) -> str:
+    """`text` cut to at most `room` tokens, keeping its start and end (the request and the question
+    after a pasted text are usually there) around a note saying how much was left out."""
+    def cut(keep: int) -> str:
+        head, tail = text[: keep - keep // 2], text[len(text) - keep // 2:]
+        return f"{head}\n[… {len(text) - keep:,} characters left out: the message is longer than I can read …]\n{tail}"
+
+    low, high = 0, len(text)  # binary search for the most characters that fit
+    while low < high:
+        middle = (low + high + 1) // 2
+        if count_tokens(cut(middle)) <= room:
+            low = middle
+        else:
+            high = middle - 1
+    return cut(low)
 
 
 _ORDINALS = ["first", "second", "third", "fourth", "fifth", "sixth", "seventh", "eighth", "ninth", "tenth"]

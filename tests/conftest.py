@@ -67,7 +67,7 @@ def postgres_url():
 @pytest.fixture(scope="session")
 def app_server(tmp_path_factory):
     """The real app (bundled models) served on a free local port, shared by API and browser tests."""
-    from tests.support.server import AppServer
+    from harness.server import AppServer
 
     with AppServer(tmp_path_factory.mktemp("app-data")) as server:
         yield server

@@ -8,11 +8,11 @@ API client is its Gradio session (or a key it chose). Only hashes of keys are st
 from __future__ import annotations
 
 import hashlib
-import os
 import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
+from chatbot import media
 from chatbot.errors import UserFacingError
 
 MIN_KEY_LENGTH = 16
@@ -46,12 +46,10 @@ def persistent_secret(path: Path) -> str:
     """A random secret created once and kept in `path` (readable by this user only)."""
     path = Path(path)
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.partial")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
-            f.write(secrets.token_urlsafe(32))
-        os.replace(tmp, path)
+        try:  # exclusive: when two starts race, the first secret written is the one both use
+            media.write_bytes(path, secrets.token_urlsafe(32).encode(), exclusive=True)
+        except FileExistsError:
+            pass
     return path.read_text().strip()
 
 
@@ -65,3 +63,4 @@ class ChatSession:
 
     owner: str = ""
     conversation_id: str | None = None
+    title: str = ""  # a name given to a new chat before its first message (stored with that message)

@@ -21,6 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from chatbot import media
 from chatbot.conversation.owners import ChatSession
 from chatbot.conversation.store import (
     ConversationNotFound,
@@ -28,14 +29,24 @@ from chatbot.conversation.store import (
     ConversationSummary,
 )
 from chatbot.errors import UserFacingError
-from chatbot.generation.base import GenerationSettings, ReplyGenerator
-from chatbot.perception.encoder import MultimodalEncoder, file_sha256
-from chatbot.state import DEFAULT_SYSTEM_PROMPT, Conversation, Role, Turn
+from chatbot.generation.base import FinishReason, GenerationSettings, ReplyGenerator
+from chatbot.memory import Relevance
+from chatbot.perception.encoder import MultimodalEncoder
+from chatbot.state import DEFAULT_SYSTEM_PROMPT, Conversation, Message, Role, Turn
 
 log = logging.getLogger(__name__)
 
 SORRY = "Sorry, something went wrong on my side while answering. Your conversation is safe; please try again."
 MAX_TITLE_LENGTH = 120
+NOTICE_TEXT_CHARS, NOTICE_FILES, NOTICE_NAME_CHARS = 500, 5, 120  # how much of a refused message is kept
+
+
+def clean_title(title: str | None) -> str:
+    """A title on one line, not too long; UserFacingError if nothing is left."""
+    title = " ".join((title or "").split())[:MAX_TITLE_LENGTH]
+    if not title:
+        raise UserFacingError("A conversation needs a title; type one first.")
+    return title
 
 
 @dataclass
@@ -70,6 +81,7 @@ class ChatService:
     store: ConversationStore
     settings: GenerationSettings = field(default_factory=GenerationSettings)
     system_prompt: str | None = None
+    relevance: Relevance | None = None  # ranks condensed-out messages for the tracked state (word overlap if None)
 
     def __post_init__(self) -> None:
         self._running: dict[str, _RunningReply] = {}
@@ -101,10 +113,7 @@ class ChatService:
         return self.store.list(owner)
 
     def rename(self, owner: str, conv_id: str, title: str) -> None:
-        title = " ".join((title or "").split())[:MAX_TITLE_LENGTH]
-        if not title:
-            raise UserFacingError("A conversation needs a title; type one first.")
-        self.store.rename(owner, conv_id, title)
+        self.store.rename(owner, conv_id, clean_title(title))
 
     def delete(self, owner: str, conv_id: str) -> bool:
         self.stop(owner, conv_id)
@@ -164,7 +173,7 @@ class ChatService:
         conv.add_user_turn(self.encoder.encode(dialogue[-1].text, list(dialogue[-1].files)))
         self._save(owner, conv)
         settings = settings or self.settings
-        prompt = conv.render(self.generator.count_tokens, self.generator.prompt_budget(settings))
+        prompt = self.prompt(conv, settings)
         tokens = sum(self.generator.count_tokens(m.content) for m in prompt)
         return Answer(conv, tokens, self._reply(owner, conv, settings))
 
@@ -174,8 +183,8 @@ class ChatService:
         def key(role: Role, text: str, shas) -> tuple:
             return role.value, text.strip(), tuple(shas)
 
-        incoming = [key(m.role, m.text, map(file_sha256, m.files)) for m in history]
-        seed = json.dumps([owner, system_prompt, key(first.role, first.text, map(file_sha256, first.files))])
+        incoming = [key(m.role, m.text, map(media.sha256_file, m.files)) for m in history]
+        seed = json.dumps([owner, system_prompt, key(first.role, first.text, map(media.sha256_file, first.files))])
         conv_id = hashlib.sha256(seed.encode()).hexdigest()[:32]
         try:
             conv = self.store.load(owner, conv_id)
@@ -187,7 +196,10 @@ class ChatService:
         for message in history[len(stored):]:
             if message.role is Role.USER:
                 conv.add_user_turn(self.encoder.encode(message.text, list(message.files)))
-            else:
+            else:  # the encoder's cap on a message's length holds for the client's replies too
+                if len(message.text.strip()) > self.encoder.limits.max_message_chars:
+                    raise UserFacingError(f"A message is {len(message.text.strip()):,} characters long; messages "
+                                          f"can have at most {self.encoder.limits.max_message_chars:,}.")
                 conv.add_assistant_turn(message.text.strip())
         return conv
 
@@ -221,6 +233,20 @@ class ChatService:
         yield ""
         yield from self._reply(owner, conv, settings or self.settings)
 
+    def continue_reply(self, owner: str, conv: Conversation,
+                       settings: GenerationSettings | None = None) -> Iterator[str]:
+        """Extend the last reply (one cut at the token limit, or stopped) where it ended; yields the whole reply."""
+        last = conv.turns[-1] if conv.turns else None
+        if last is None or last.role is not Role.ASSISTANT or last.notice or not (last.cut or last.interrupted):
+            raise UserFacingError("There is no unfinished reply to continue.")
+        yield last.text
+        yield from self._reply(owner, conv, settings or self.settings, continuing=last)
+
+    def replies_running(self) -> int:
+        """How many replies are being written now (for a page to tell a new message it must wait)."""
+        with self._lock:
+            return len(self._running)
+
     def undo(self, owner: str, conv: Conversation) -> bool:
         """Remove the last exchange (the last user turn and what followed it)."""
         last = self._last_user_turn(conv)
@@ -252,24 +278,42 @@ class ChatService:
         if session and session.owner:
             self.stop(session.owner, session.conversation_id)
 
+    def prompt(self, conv: Conversation, settings: GenerationSettings | None = None) -> list[Message]:
+        """The messages the reply model reads to answer the last turn of `conv`."""
+        budget = self.generator.prompt_budget(settings or self.settings)
+        return conv.render(self.generator.count_tokens, budget, self.relevance)
+
     # -- internals ------------------------------------------------------------------------
-    def _reply(self, owner: str, conv: Conversation, settings: GenerationSettings) -> Iterator[str]:
+    def _reply(self, owner: str, conv: Conversation, settings: GenerationSettings,
+               continuing: Turn | None = None) -> Iterator[str]:
+        """Stream a new reply, or more of `continuing` (the last turn), and record it when it ends."""
         running = _RunningReply(owner)
         with self._lock:
             self._running[conv.id] = running
+        before = continuing.text if continuing else ""
         reply = ""
         failed = finished = at_stop = False
         sorry = SORRY
+        finish: FinishReason | None = None
         try:
-            messages = conv.render(self.generator.count_tokens, self.generator.prompt_budget(settings))
-            for piece in self.generator.stream(messages, settings, running.stop):
-                reply += piece
-                cut = _cut_at_stop(reply, settings.stop)
-                if cut is not None:
-                    reply, at_stop = cut, True
-                    running.stop.set()  # ends the generation: the reply is complete
-                    break
-                yield _held_back(reply, settings.stop)
+            messages = self.prompt(conv, settings)
+            pieces = self.generator.stream(messages, settings, running.stop)
+            try:
+                while True:
+                    try:
+                        piece = next(pieces)
+                    except StopIteration as end:
+                        finish = end.value
+                        break
+                    reply += piece
+                    cut_at = _cut_at_stop(reply, settings.stop)
+                    if cut_at is not None:
+                        reply, at_stop = cut_at, True
+                        running.stop.set()  # ends the generation: the reply is complete
+                        break
+                    yield before + _held_back(reply, settings.stop)
+            finally:
+                pieces.close()  # also when our consumer went away: the backend frees the CPU at once
             finished = True
         except UserFacingError as error:  # e.g. a remote reply server that cannot be reached
             log.warning("Generating a reply failed: %s", error)
@@ -282,24 +326,49 @@ class ChatService:
             with self._lock:
                 if self._running.get(conv.id) is running:
                     del self._running[conv.id]
-            position = len(conv.turns)
-            if reply.strip() or not failed:
-                conv.add_assistant_turn(reply.strip(),
-                                        interrupted=(running.stop.is_set() and not at_stop) or not finished)
-            if failed:
-                conv.turns.append(Turn(role=Role.ASSISTANT, text=sorry, notice=True))
-            try:
-                if not self.store.append(owner, conv.id, position, conv.turns[position:]):
-                    log.info("Conversation %s changed while replying; the reply was not kept", conv.id)
-            except Exception:  # noqa: BLE001 - the reply is shown; its loss is logged
-                log.exception("Saving the reply failed")
+            interrupted = (running.stop.is_set() and not at_stop) or not finished
+            cut = finish is FinishReason.LENGTH and not interrupted
+            self._record(owner, conv, before, reply, sorry if failed else None, interrupted, cut, continuing)
         if failed or settings.stop:
-            yield reply  # the whole of it: an ending held back as a possible stop string, or what came before a failure
+            # The whole of it: an ending held back as a possible stop string, or what came before a failure.
+            yield before + reply
         if finished:
             # While the user reads and types, read the window the next turns will move to (if near).
             ahead = conv.render_ahead(self.generator.count_tokens, self.generator.prompt_budget(settings))
             if ahead:
                 self.generator.prefill(ahead)
+
+    def _record(self, owner: str, conv: Conversation, before: str, reply: str, failure: str | None,
+                interrupted: bool, cut: bool, continuing: Turn | None) -> None:
+        """Put the ended reply into `conv` and the store (unless the stored conversation moved on meanwhile).
+
+        `failure`: the notice to add after the reply when generating it failed.
+        """
+        failed = failure is not None
+        try:
+            if continuing is not None:
+                position = len(conv.turns) - 1  # the continued reply is the last turn
+                if reply.strip():
+                    continuing.text = (before + reply).strip()
+                    continuing.interrupted, continuing.cut = interrupted, cut
+                elif not (failed or interrupted):  # the model had nothing to add: the reply is complete
+                    continuing.interrupted = continuing.cut = False
+                if failed:
+                    conv.turns.append(Turn(role=Role.ASSISTANT, text=failure, notice=True))
+                kept = self.store.replace_last(owner, conv.id, position, continuing)
+                if kept and failed:
+                    kept = self.store.append(owner, conv.id, position + 1, conv.turns[position + 1:])
+            else:
+                position = len(conv.turns)
+                if reply.strip() or not failed:
+                    conv.add_assistant_turn(reply.strip(), interrupted=interrupted, cut=cut)
+                if failed:
+                    conv.turns.append(Turn(role=Role.ASSISTANT, text=failure, notice=True))
+                kept = self.store.append(owner, conv.id, position, conv.turns[position:])
+            if not kept:
+                log.info("Conversation %s changed while replying; the reply was not kept", conv.id)
+        except Exception:  # noqa: BLE001 - the reply is shown; its loss is logged
+            log.exception("Saving the reply failed")
 
     def _save(self, owner: str, conv: Conversation) -> None:
         if conv.turns:
@@ -313,8 +382,14 @@ class ChatService:
 
     @staticmethod
     def _notice(conv: Conversation, text: str, files, message: str) -> None:
-        names = [str(f).rsplit("/", 1)[-1] for f in files]
-        shown = "\n".join(filter(None, [(text or "").strip()] + [f"📎 {n}" for n in names]))
+        # What was sent, shortened: a refused 2 MB message or 200 files must not be stored whole.
+        names = [f"📎 {str(f).rsplit('/', 1)[-1][:NOTICE_NAME_CHARS]}" for f in files[:NOTICE_FILES]]
+        if len(files) > NOTICE_FILES:
+            names.append(f"📎 … and {len(files) - NOTICE_FILES} more")
+        text = (text or "").strip()
+        if len(text) > NOTICE_TEXT_CHARS:
+            text = text[:NOTICE_TEXT_CHARS].rstrip() + f" … ({len(text):,} characters in all)"
+        shown = "\n".join(filter(None, [text] + names))
         conv.title = conv.title or " ".join(shown.split())[:60]
         conv.turns.append(Turn(role=Role.USER, text=shown, notice=True))
         conv.turns.append(Turn(role=Role.ASSISTANT, text=message, notice=True))

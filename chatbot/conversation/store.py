@@ -1,11 +1,13 @@
-"""Durable conversations: an SQLite database (WAL) in the data directory.
+"""Durable conversations: an SQLite database (WAL) in the data directory, or a
+PostgreSQL database that several app copies share.
 
 Every conversation belongs to one owner (an opaque string the session layer
 derives from a browser key, an API key or a signed-in user name); every read
 and write names the owner, so one owner can never load, change or delete
 another's conversation. Attachment files live in `<data_dir>/media`, named by
 their SHA-256; the database keeps their paths relative to the data directory
-so the directory can be moved.
+so the directory can be moved. The SQL is shared; what differs between the two
+databases lives in the two dialect classes at the end (`_SQLite`, `_Postgres`).
 
 Export writes one JSON document holding the conversation and (optionally) the
 attachment bytes; import checks every file against its hash before keeping it.
@@ -14,20 +16,36 @@ attachment bytes; import checks every file against its hash before keeping it.
 from __future__ import annotations
 
 import base64
-import hashlib
+import binascii
 import json
+import math
+import os
 import re
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from chatbot import media
 from chatbot.errors import UserFacingError
-from chatbot.state import Attachment, Conversation, Observation, Role, Turn, new_id
+from chatbot.state import (
+    Attachment,
+    AttachmentKind,
+    Conversation,
+    Observation,
+    ObservationKind,
+    Role,
+    Turn,
+)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 EXPORT_FORMAT = "multimodal-chatbot/conversation"
+EXPORT_VERSIONS = (1, 2)  # version 1 exports lack `cut` (which defaults to false)
+# Steps from each older schema version to the next.
+_MIGRATIONS = {1: ["ALTER TABLE turns ADD COLUMN cut INTEGER NOT NULL DEFAULT 0"]}
 
 _SCHEMA = """
 CREATE TABLE conversations (
@@ -49,6 +67,7 @@ CREATE TABLE turns (
     created         REAL NOT NULL,
     interrupted     INTEGER NOT NULL DEFAULT 0,
     notice          INTEGER NOT NULL DEFAULT 0,
+    cut             INTEGER NOT NULL DEFAULT 0,
     UNIQUE (conversation_id, position)
 );
 CREATE TABLE attachments (
@@ -73,8 +92,26 @@ CREATE TABLE observations (
 );
 """
 
-_SHA256 = re.compile(r"[0-9a-f]{64}")
-_SUFFIX = re.compile(r"\.[a-z0-9]{1,8}")
+# Bounds of an imported conversation: generous for anything this app writes, small enough that a
+# hostile document cannot fill the disk or the model's context with one field.
+MAX_TITLE = 200
+MAX_TEXT = 100_000
+MAX_SYSTEM_PROMPT = 20_000
+MAX_TURNS = 5_000
+MAX_ATTACHMENTS_PER_TURN = 50
+MAX_OBSERVATIONS_PER_TURN = 200
+MAX_NAME = 255
+MAX_IMPORT_FILE_BYTES = 50 * 2**20
+# An unreferenced media file younger than this may belong to a turn being saved right now.
+MEDIA_GRACE_SECONDS = 120.0
+
+
+class ConversationChanged(UserFacingError):
+    """The stored conversation moved on (another tab or client) since this copy was read."""
+
+    def __init__(self) -> None:
+        super().__init__("This conversation was changed in another tab or window meanwhile; "
+                         "open it again to see the latest version.")
 
 
 class ConversationNotFound(UserFacingError):
@@ -98,7 +135,8 @@ class ConversationSummary:
 class ConversationStore:
     """Thread-safe: one connection, used under a lock (every operation is a short transaction)."""
 
-    def __init__(self, data_dir: Path, database: str | None = None):
+    def __init__(self, data_dir: Path, database: str | None = None,
+                 media_grace_seconds: float = MEDIA_GRACE_SECONDS):
         """`database`: a postgresql:// URL, or None for SQLite in the data directory.
 
         Attachment files are always kept in `<data_dir>/media`: app copies that share
@@ -106,17 +144,26 @@ class ConversationStore:
         """
         self.data_dir = Path(data_dir).resolve()
         self.media_dir = self.data_dir / "media"
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.media_grace_seconds = media_grace_seconds
+        # Private to this user whatever the umask: conversations, photos and recordings are personal.
+        self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.data_dir, 0o700)
         self._lock = threading.RLock()
         self._db = _Postgres(database) if database else _SQLite(self.data_dir / "conversations.sqlite3")
         self.path = self._db.where
         with self._transaction():
             version = self._db.schema_version()
             if version == 0:
-                self._db.create_schema(_SCHEMA, SCHEMA_VERSION)
-            elif version != SCHEMA_VERSION:
+                self._db.execute_ddl(_SCHEMA)
+                self._db.set_schema_version(SCHEMA_VERSION)
+            while version in _MIGRATIONS:
+                self._db.execute_ddl(";".join(_MIGRATIONS[version]))
+                version += 1
+                self._db.set_schema_version(version)
+            if version not in (0, SCHEMA_VERSION):
                 raise UserFacingError(f"{self.path} has schema version {version}; this app reads version "
-                                      f"{SCHEMA_VERSION}. Use a matching app version or another database.")
+                                      f"{SCHEMA_VERSION}. Use a matching app version or another "
+                                      "--data-dir / --database.")
 
     def close(self) -> None:
         with self._lock:
@@ -124,9 +171,20 @@ class ConversationStore:
 
     # -- conversations ---------------------------------------------------------------
     def save(self, owner: str, conv: Conversation) -> None:
-        """Write the whole conversation in one transaction (replacing what was stored)."""
+        """Write the whole conversation in one transaction (replacing what was stored).
+
+        `conv` may drop turns from the end (undo, edit, regenerate) or add turns, but
+        a stored turn it does not know of at a position it keeps means someone else
+        saved meanwhile: that raises ConversationChanged instead of overwriting it.
+        """
         now = time.time()
         with self._transaction():
+            stored = [r["id"] for r in self._db.execute(
+                "SELECT t.id FROM turns t JOIN conversations c ON c.id = t.conversation_id"
+                " WHERE c.id = ? AND c.owner = ? ORDER BY t.position", (conv.id, owner))]
+            if any(old != turn.id for old, turn in zip(stored, conv.turns)):
+                raise ConversationChanged()
+            dropped = self._shas(conv.id)
             cursor = self._db.execute(
                 "INSERT INTO conversations (id, owner, title, system_prompt, created, updated)"
                 " VALUES (?, ?, ?, ?, ?, ?)"
@@ -138,6 +196,7 @@ class ConversationStore:
             self._db.execute("DELETE FROM turns WHERE conversation_id = ?", (conv.id,))
             for position, turn in enumerate(conv.turns):
                 self._insert_turn(conv.id, position, turn)
+        self._collect(dropped)
 
     def append(self, owner: str, conv_id: str, position: int, turns: list[Turn]) -> bool:
         """Add `turns` at `position` if the stored conversation still ends there.
@@ -156,6 +215,24 @@ class ConversationStore:
             self._db.execute("UPDATE conversations SET updated = ? WHERE id = ?", (time.time(), conv_id))
             return True
 
+    def replace_last(self, owner: str, conv_id: str, position: int, turn: Turn) -> bool:
+        """Put `turn` (a continued reply) in place of the stored last turn if that is still `turn.id` at `position`.
+
+        False (nothing written) when the conversation changed meanwhile, as for `append`.
+        """
+        with self._transaction():
+            row = self._db.execute(
+                "SELECT t.id FROM turns t JOIN conversations c ON c.id = t.conversation_id"
+                " WHERE c.id = ? AND c.owner = ? AND t.position = ?"
+                " AND t.position = (SELECT max(position) FROM turns WHERE conversation_id = c.id)",
+                (conv_id, owner, position)).fetchone()
+            if row is None or row["id"] != turn.id:
+                return False
+            self._db.execute("DELETE FROM turns WHERE conversation_id = ? AND position = ?", (conv_id, position))
+            self._insert_turn(conv_id, position, turn)
+            self._db.execute("UPDATE conversations SET updated = ? WHERE id = ?", (time.time(), conv_id))
+            return True
+
     def load(self, owner: str, conv_id: str) -> Conversation:
         with self._lock:
             row = self._db.execute("SELECT * FROM conversations WHERE id = ? AND owner = ?",
@@ -170,18 +247,13 @@ class ConversationStore:
         return Conversation(
             id=row["id"], title=row["title"], system_prompt=row["system_prompt"], created=row["created"],
             turns=[Turn(role=Role(t["role"]), text=t["text"], id=t["id"], created=t["created"],
-                        interrupted=bool(t["interrupted"]), notice=bool(t["notice"]),
+                        interrupted=bool(t["interrupted"]), notice=bool(t["notice"]), cut=bool(t["cut"]),
                         attachments=[Attachment(kind=a["kind"], path=str(self.data_dir / a["path"]),
                                                 sha256=a["sha256"], name=a["name"], label=a["label"])
                                      for a in attachments.get(t["key"], [])],
                         observations=[Observation(kind=o["kind"], text=o["text"], attachment=o["attachment"],
                                                   source=o["source"]) for o in observations.get(t["key"], [])])
                    for t in turns])
-
-    def exists(self, conv_id: str) -> bool:
-        """Whether any owner has a conversation with this id."""
-        with self._lock:
-            return self._db.execute("SELECT 1 FROM conversations WHERE id = ?", (conv_id,)).fetchone() is not None
 
     def list(self, owner: str) -> list[ConversationSummary]:
         """The owner's conversations, most recently changed first."""
@@ -203,12 +275,21 @@ class ConversationStore:
     def delete(self, owner: str, conv_id: str) -> bool:
         """Delete the conversation with its turns; False if the owner has no such conversation.
 
-        Attachment files stay in the media folder: they are shared by content hash
-        with any other turn (of any owner) that sent the same file.
+        Its attachment files go too, unless another turn (of any owner) sent the same file.
         """
         with self._transaction():
+            dropped = self._shas(conv_id, owner)
             cursor = self._db.execute("DELETE FROM conversations WHERE id = ? AND owner = ?", (conv_id, owner))
-            return cursor.rowcount > 0
+        self._collect(dropped)
+        return cursor.rowcount > 0
+
+    def collect_garbage(self) -> int:
+        """Remove every media file no turn refers to (at start-up); returns how many went.
+
+        With a shared PostgreSQL database, every copy's turns count: a file stays while any refers to it.
+        """
+        with self._lock:
+            return self._collect({p.name.split(".")[0] for p in self.media_dir.glob("??/*")})
 
     def close_unanswered(self) -> int:
         """Mark user turns left without a reply (the server died mid-reply) as answered by an interrupted,
@@ -240,51 +321,117 @@ class ConversationStore:
         return json.dumps(document, ensure_ascii=False, indent=1, sort_keys=True)
 
     def import_json(self, owner: str, text: str) -> Conversation:
-        """Store an exported conversation for `owner` and return it.
+        """Store an exported conversation for `owner` under fresh ids and return it.
 
-        It keeps its id unless that id is taken (e.g. imported twice), then gets a new one.
-        File bytes must match their SHA-256; a referenced file must already be in the media folder.
+        Everything is checked before anything is written: the document's shape,
+        types and sizes; every attached file must be a photo or recording (by its
+        content) matching its SHA-256. A file sent by reference (hash only) must be
+        one this owner already has. A failure raises UserFacingError and stores nothing.
         """
-        try:
-            document = json.loads(text)
-            if document.get("format") != EXPORT_FORMAT or document.get("version") != SCHEMA_VERSION:
-                raise ValueError("not an exported conversation")
-            data = document["conversation"]
-            files = document.get("files") or {}
-            conv = Conversation.from_dict(data)
-        except (ValueError, KeyError, TypeError, AttributeError) as error:
-            raise UserFacingError(f"That file is not a conversation exported from this app ({error}).") from error
+        conv, files = _parse_export(text)
+        contents: dict[str, tuple[media.MediaFormat, bytes | Path]] = {}
         for attachment in conv.attachments(None):
-            attachment.path = str(self._import_file(attachment, files.get(attachment.sha256)))
-        if self.exists(conv.id):
-            conv.id = new_id()
-        self.save(owner, conv)
+            if attachment.sha256 not in contents:
+                contents[attachment.sha256] = self._import_content(owner, attachment, files.get(attachment.sha256))
+        written: set[str] = set()
+        try:
+            for attachment in conv.attachments(None):
+                fmt, content = contents[attachment.sha256]
+                attachment.kind = fmt.kind  # what the content is, not what the document claims
+                if isinstance(content, Path):  # by reference: the owner's own copy
+                    attachment.path = str(content)
+                    continue
+                target = media.media_path(self.media_dir, attachment.sha256, fmt)
+                if not target.exists():
+                    media.write_bytes(target, content)
+                    written.add(attachment.sha256)
+                attachment.path = str(target)
+            self.save(owner, conv)
+        except BaseException:
+            self._collect(written, grace=0)  # nothing half-written stays behind
+            raise
         return conv
 
-    def _import_file(self, attachment: Attachment, encoded: str | None) -> Path:
-        """The local copy of an imported attachment; its name comes from the hash, never from the document."""
-        sha = attachment.sha256
-        suffix = Path(attachment.path).suffix.lower()
-        if not _SHA256.fullmatch(sha) or (suffix and not _SUFFIX.fullmatch(suffix)):
-            raise UserFacingError(f"The attachment '{attachment.name}' has an invalid hash or file name.")
-        target = self.media_dir / sha[:2] / f"{sha}{suffix}"
-        if encoded is not None:
-            content = base64.b64decode(encoded, validate=True)
-            if hashlib.sha256(content).hexdigest() != sha:
-                raise UserFacingError(f"The attachment '{attachment.name}' does not match its checksum.")
-            if not target.exists():
-                target.parent.mkdir(parents=True, exist_ok=True)
-                tmp = target.with_name(f"{target.name}.{new_id()}.partial")
-                tmp.write_bytes(content)
-                tmp.replace(target)
-        elif not target.is_file():
-            raise UserFacingError(f"The attachment '{attachment.name}' is not included in the file "
-                                  "and not on this server; export it again with its files.")
-        return target
+    def _import_content(self, owner: str, attachment: Attachment,
+                        encoded: str | None) -> tuple[media.MediaFormat, bytes | Path]:
+        """The detected format and the bytes (or the owner's existing file) of an imported attachment."""
+        name = attachment.name
+        if encoded is None:
+            existing = self._owned_file(owner, attachment.sha256)
+            if existing is None:
+                raise UserFacingError(f"The attachment '{name}' is not included in the file; "
+                                      "export the conversation again with its files.")
+            content: bytes | Path = existing
+            fmt = media.sniff(existing)
+        else:
+            if len(encoded) > MAX_IMPORT_FILE_BYTES * 4 // 3 + 4:
+                raise UserFacingError(f"The attachment '{name}' is larger than "
+                                      f"{MAX_IMPORT_FILE_BYTES // 2**20} MB.")
+            try:
+                content = base64.b64decode(encoded, validate=True)
+            except (binascii.Error, ValueError):
+                raise UserFacingError(f"The attachment '{name}' is not valid base64.") from None
+            if media.sha256_bytes(content) != attachment.sha256:
+                raise UserFacingError(f"The attachment '{name}' does not match its checksum.")
+            fmt = media.sniff_bytes(content)
+        if fmt is None:
+            raise UserFacingError(f"The attachment '{name}' is not an image or recording this app accepts.")
+        return fmt, content
+
+    def _owned_file(self, owner: str, sha: str) -> Path | None:
+        """The media file with this hash, if one of `owner`'s own turns already holds it."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT a.path FROM attachments a JOIN turns t ON t.key = a.turn_key"
+                " JOIN conversations c ON c.id = t.conversation_id"
+                " WHERE c.owner = ? AND a.sha256 = ? LIMIT 1", (owner, sha)).fetchone()
+        if row is None:
+            return None
+        path = self.data_dir / row["path"]
+        return path if path.is_file() else None
 
     # -- internals ---------------------------------------------------------------------
-    def _transaction(self):
-        return _Transaction(self._db, self._lock)
+    @contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """BEGIN (one writer at a time) ... COMMIT under the store's lock; rolled back on any error."""
+        with self._lock:
+            self._db.begin()
+            try:
+                yield
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _shas(self, conv_id: str, owner: str | None = None) -> set[str]:
+        """The hashes of a conversation's attachments (candidates for removal when it changes)."""
+        sql = ("SELECT a.sha256 FROM attachments a JOIN turns t ON t.key = a.turn_key"
+               " JOIN conversations c ON c.id = t.conversation_id WHERE c.id = ?")
+        if owner is None:
+            return {r[0] for r in self._db.execute(sql, (conv_id,))}
+        return {r[0] for r in self._db.execute(sql + " AND c.owner = ?", (conv_id, owner))}
+
+    def _collect(self, shas: set[str], grace: float | None = None) -> int:
+        """Remove the media files of `shas` that no turn refers to any more.
+
+        Files younger than the grace period stay: an upload is copied into the media
+        folder a moment before its turn is saved, and must not vanish in between.
+        """
+        grace = self.media_grace_seconds if grace is None else grace
+        removed = 0
+        with self._lock:
+            for sha in shas:
+                if not media.SHA256_PATTERN.fullmatch(sha) or self._db.execute(
+                        "SELECT 1 FROM attachments WHERE sha256 = ? LIMIT 1", (sha,)).fetchone():
+                    continue
+                for path in (self.media_dir / sha[:2]).glob(f"{sha}.*"):
+                    try:
+                        if time.time() - path.stat().st_mtime >= grace:
+                            path.unlink()
+                            removed += 1
+                    except FileNotFoundError:
+                        pass
+        return removed
 
     def _relative(self, path: Path) -> str:
         """Attachment paths are kept relative to the data directory (which may move)."""
@@ -295,10 +442,10 @@ class ConversationStore:
 
     def _insert_turn(self, conv_id: str, position: int, turn: Turn) -> None:
         key = self._db.execute(
-            "INSERT INTO turns (conversation_id, position, id, role, text, created, interrupted, notice)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING key",
+            "INSERT INTO turns (conversation_id, position, id, role, text, created, interrupted, notice, cut)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING key",
             (conv_id, position, turn.id, turn.role.value, turn.text, turn.created, int(turn.interrupted),
-             int(turn.notice))).fetchone()[0]
+             int(turn.notice), int(turn.cut))).fetchone()[0]
         self._db.executemany(
             "INSERT INTO attachments (turn_key, position, kind, path, sha256, name, label) VALUES (?, ?, ?, ?, ?, ?, ?)",
             [(key, i, a.kind.value, self._relative(Path(a.path)), a.sha256, a.name, a.label)
@@ -318,25 +465,126 @@ class ConversationStore:
         return found
 
 
-class _Transaction:
-    """BEGIN (one writer at a time) ... COMMIT under the store's lock; rolled back on any error."""
+# -- checking an imported document ---------------------------------------------------------
+class _Invalid(Exception):
+    """Where an imported document breaks the schema (shown to the user in the refusal)."""
 
-    def __init__(self, db: _SQLite | _Postgres, lock: threading.RLock):
-        self.db, self.lock = db, lock
 
-    def __enter__(self) -> None:
-        self.lock.acquire()
-        try:
-            self.db.begin()
-        except BaseException:
-            self.lock.release()
-            raise
+def _parse_export(text: str) -> tuple[Conversation, dict[str, str]]:
+    """A conversation with fresh ids and the document's file table, or UserFacingError.
 
-    def __exit__(self, exc_type, exc, tb) -> None:
-        try:
-            self.db.execute("ROLLBACK" if exc_type else "COMMIT")
-        finally:
-            self.lock.release()
+    Built field by field from checked values, never by passing the document's
+    dictionaries on: unknown keys are ignored, wrong types and sizes refused.
+    """
+    try:
+        document = json.loads(text)
+    except RecursionError:
+        raise UserFacingError("That file is nested too deeply to be an exported conversation.") from None
+    except (ValueError, TypeError) as error:
+        raise UserFacingError(f"That file is not a conversation exported from this app ({error}).") from None
+    try:
+        document = _dict(document, "the file")
+        if document.get("format") != EXPORT_FORMAT or document.get("version") not in EXPORT_VERSIONS:
+            raise _Invalid("it is not an exported conversation of this app's version")
+        data = _dict(document.get("conversation"), "conversation")
+        files = _dict(document.get("files", {}) or {}, "files")
+        for sha, encoded in files.items():
+            if not media.SHA256_PATTERN.fullmatch(sha) or not isinstance(encoded, str):
+                raise _Invalid("files must map SHA-256 hashes to base64 text")
+        conv = Conversation(title=_text(data.get("title", ""), "title", MAX_TITLE),
+                            system_prompt=_text(data.get("system_prompt", ""), "system_prompt", MAX_SYSTEM_PROMPT),
+                            created=_time(data.get("created", time.time()), "created"))
+        turns = _list(data.get("turns", []), "turns", MAX_TURNS)
+        conv.turns = [_turn(_dict(t, f"turn {i + 1}"), f"turn {i + 1}") for i, t in enumerate(turns)]
+    except _Invalid as error:
+        raise UserFacingError(f"That file is not a valid exported conversation: {error}.") from None
+    return conv, files
+
+
+def _turn(data: dict, where: str) -> Turn:
+    try:
+        role = Role(data.get("role"))
+    except ValueError:
+        raise _Invalid(f"{where} has an unknown role") from None
+    attachments = [_attachment(_dict(a, f"{where}, attachment"), where)
+                   for a in _list(data.get("attachments", []), f"{where} attachments", MAX_ATTACHMENTS_PER_TURN)]
+    observations = [_observation(_dict(o, f"{where}, observation"), where)
+                    for o in _list(data.get("observations", []), f"{where} observations", MAX_OBSERVATIONS_PER_TURN)]
+    return Turn(role=role, text=_text(data.get("text", ""), f"{where} text", MAX_TEXT),
+                attachments=attachments, observations=observations,
+                created=_time(data.get("created", time.time()), f"{where} created"),
+                interrupted=_flag(data.get("interrupted", False), f"{where} interrupted"),
+                notice=_flag(data.get("notice", False), f"{where} notice"),
+                cut=_flag(data.get("cut", False), f"{where} cut"))
+
+
+def _attachment(data: dict, where: str) -> Attachment:
+    sha = data.get("sha256")
+    if not isinstance(sha, str) or not media.SHA256_PATTERN.fullmatch(sha):
+        raise _Invalid(f"{where} has an attachment without a valid SHA-256")
+    try:
+        kind = AttachmentKind(data.get("kind"))
+    except ValueError:
+        raise _Invalid(f"{where} has an attachment of an unknown kind") from None
+    # The path is the exporting server's; the local one is derived from the hash and content.
+    return Attachment(kind=kind, path="", sha256=sha, name=_text(data.get("name", ""), f"{where} file name", MAX_NAME),
+                      label=_text(data.get("label", ""), f"{where} label", MAX_NAME))
+
+
+def _observation(data: dict, where: str) -> Observation:
+    try:
+        kind = ObservationKind(data.get("kind"))
+    except ValueError:
+        raise _Invalid(f"{where} has an observation of an unknown kind") from None
+    attachment = _text(data.get("attachment", ""), f"{where} observation", 64)
+    if attachment and not media.SHA256_PATTERN.fullmatch(attachment):
+        raise _Invalid(f"{where} has an observation of an unknown attachment")
+    return Observation(kind=kind, text=_text(data.get("text", ""), f"{where} observation", MAX_TEXT),
+                       attachment=attachment, source=_text(data.get("source", ""), f"{where} source", MAX_NAME))
+
+
+def _dict(value, where: str) -> dict:
+    if not isinstance(value, dict):
+        raise _Invalid(f"{where} must be an object")
+    return value
+
+
+def _list(value, where: str, limit: int) -> list:
+    if not isinstance(value, list):
+        raise _Invalid(f"{where} must be a list")
+    if len(value) > limit:
+        raise _Invalid(f"{where} has more than {limit} entries")
+    return value
+
+
+def _text(value, where: str, limit: int) -> str:
+    if not isinstance(value, str):
+        raise _Invalid(f"{where} must be text")
+    if len(value) > limit:
+        raise _Invalid(f"{where} is longer than {limit} characters")
+    if "\x00" in value or not value.isprintable() and _unencodable(value):
+        raise _Invalid(f"{where} contains characters that are not text")
+    return value
+
+
+def _unencodable(value: str) -> bool:
+    try:
+        value.encode("utf-8")  # JSON can carry lone surrogates; the databases (UTF-8) cannot store them
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _time(value, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+        raise _Invalid(f"{where} must be a time (seconds since 1970)")
+    return float(value)
+
+
+def _flag(value, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise _Invalid(f"{where} must be true or false")
+    return value
 
 
 # -- the two databases: everything that differs between their SQL is here -----------------------
@@ -345,6 +593,8 @@ class _SQLite:
 
     def __init__(self, path: Path):
         self.where = path
+        path.touch(mode=0o600)  # SQLite gives its -wal and -shm files the database's mode
+        os.chmod(path, 0o600)
         # isolation_level=None: we open transactions ourselves, so each save is one atomic commit.
         self.conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self.conn.row_factory = sqlite3.Row
@@ -366,11 +616,13 @@ class _SQLite:
     def schema_version(self) -> int:
         return self.conn.execute("PRAGMA user_version").fetchone()[0]
 
-    def create_schema(self, schema: str, version: int) -> None:
+    def set_schema_version(self, version: int) -> None:
+        self.conn.execute(f"PRAGMA user_version = {int(version)}")
+
+    def execute_ddl(self, script: str) -> None:
         # Statement by statement: executescript() would commit the open transaction.
-        for statement in filter(str.strip, schema.split(";")):
+        for statement in filter(str.strip, script.split(";")):
             self.conn.execute(statement)
-        self.conn.execute(f"PRAGMA user_version = {version}")
 
     def close(self) -> None:
         self.conn.close()
@@ -382,7 +634,8 @@ class _Postgres:
     The shared SQL is written for SQLite (`?` placeholders); it is portable apart
     from the placeholder and a few column types, translated here. Write
     transactions take one advisory lock, so writers queue exactly as SQLite's do
-    and `append`'s check-then-insert stays atomic across processes.
+    and the check-then-write of `save`, `append` and `replace_last` stays atomic
+    across processes.
     """
 
     _WRITER_LOCK = 0x636861  # any constant; one per database
@@ -413,13 +666,16 @@ class _Postgres:
         row = self.conn.execute("SELECT max(version) FROM schema_version").fetchone()
         return row[0] or 0
 
-    def create_schema(self, schema: str, version: int) -> None:
-        schema = (schema.replace("INTEGER PRIMARY KEY", "BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY")
+    def set_schema_version(self, version: int) -> None:
+        self.conn.execute("DELETE FROM schema_version")
+        self.conn.execute("INSERT INTO schema_version (version) VALUES (%s)", (version,))
+
+    def execute_ddl(self, script: str) -> None:
+        script = (script.replace("INTEGER PRIMARY KEY", "BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY")
                   .replace("INTEGER NOT NULL REFERENCES", "BIGINT NOT NULL REFERENCES")
                   .replace(" REAL ", " DOUBLE PRECISION "))
-        for statement in filter(str.strip, schema.split(";")):
+        for statement in filter(str.strip, script.split(";")):
             self.conn.execute(statement)
-        self.conn.execute("INSERT INTO schema_version (version) VALUES (%s)", (version,))
 
     def close(self) -> None:
         self.conn.close()

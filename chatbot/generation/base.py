@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import importlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Generator
 from concurrent.futures import Future
 from dataclasses import dataclass
+from enum import Enum
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from chatbot.state import Message
@@ -24,13 +25,17 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class GenerationSettings:
+    # Defaults chosen on `python -m bench.quality` (README): greedy recalled facts reliably where
+    # sampling at 0.7 made a 0.5B model forget them now and then.
     max_new_tokens: int = 256
-    temperature: float = 0.7  # 0 means greedy decoding
+    temperature: float = 0.0  # 0 means greedy decoding
     top_p: float = 0.9
     repetition_penalty: float = 1.1
     # Strings that end a reply where they appear (not included); the service cuts at them for every
     # backend, a remote backend also hands them to its server.
     stop: tuple[str, ...] = ()
+    # Within this many tokens of the limit, the reply ends at the first sentence end (not mid-sentence).
+    sentence_tail: int = 48
 
     def generate_kwargs(self) -> dict:
         """The settings as transformers' `generate` takes them."""
@@ -43,6 +48,13 @@ class GenerationSettings:
             # Explicitly unset sampling knobs a checkpoint's generation_config may carry.
             kwargs.update(temperature=None, top_p=None, top_k=None)
         return kwargs
+
+
+class FinishReason(str, Enum):
+    """Why a reply ended; `stream` returns it as its generator's value (None: the backend cannot tell)."""
+
+    STOP = "stop"  # the model ended it (or the caller's stop event did)
+    LENGTH = "length"  # it reached max_new_tokens: the reply is cut and may be continued
 
 
 @runtime_checkable
@@ -59,8 +71,12 @@ class ReplyGenerator(Protocol):
         """How many tokens the rendered conversation may take, leaving room for the reply."""
 
     def stream(self, messages: list[Message], settings: GenerationSettings,
-               stop: threading.Event | None = None) -> Iterator[str]:
-        """Yield the reply in pieces as it is generated; setting `stop` ends it at the next token."""
+               stop: threading.Event | None = None) -> Generator[str, None, FinishReason | None]:
+        """Yield the reply in pieces as it is generated; setting `stop` ends it at the next token.
+
+        When `messages` end with an assistant message, continue that message (no new reply header).
+        Return the FinishReason (the generator's return value).
+        """
 
     def prefill(self, messages: list[Message]) -> Future:
         """Start reading a prompt prefix ahead of time (backends without a cache do nothing)."""

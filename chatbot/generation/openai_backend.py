@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Iterator
+from collections.abc import Generator
 from concurrent.futures import Future
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -20,7 +20,7 @@ import httpx
 import openai
 
 from chatbot.errors import UserFacingError
-from chatbot.generation.base import GenerationSettings, done, prompt_budget
+from chatbot.generation.base import FinishReason, GenerationSettings, done, prompt_budget
 from chatbot.state import Message
 
 if TYPE_CHECKING:
@@ -64,7 +64,7 @@ class OpenAIGenerator:
         return done()  # the server keeps its own caches
 
     def stream(self, messages: list[Message], settings: GenerationSettings,
-               stop: threading.Event | None = None) -> Iterator[str]:
+               stop: threading.Event | None = None) -> Generator[str, None, FinishReason | None]:
         sampling = {"temperature": settings.temperature}
         if settings.temperature > 0:
             sampling["top_p"] = settings.top_p
@@ -72,13 +72,17 @@ class OpenAIGenerator:
             response = self.client.chat.completions.create(
                 model=self.name, messages=[{"role": m.role.value, "content": m.content} for m in messages],
                 max_tokens=settings.max_new_tokens, stop=list(settings.stop) or None, stream=True, **sampling)
+            finish = None
             with response:  # leaving it (stop, or the consumer gone) closes the HTTP stream
                 for chunk in response:
                     if stop is not None and stop.is_set():
-                        return
+                        return FinishReason.STOP
                     for choice in chunk.choices:
                         if choice.delta and choice.delta.content:
                             yield choice.delta.content
+                        finish = choice.finish_reason or finish
+            # "length": the server hit max_tokens, so the reply is cut and may be continued.
+            return FinishReason.LENGTH if finish == "length" else FinishReason.STOP if finish else None
         except openai.APIConnectionError as error:
             raise UserFacingError(f"The reply server at {self.base_url} cannot be reached ({error}). "
                                   "Your conversation is safe; try again when it is back.") from error

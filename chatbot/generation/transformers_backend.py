@@ -9,9 +9,10 @@ from the model's config, never from its name.
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Generator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -30,9 +31,9 @@ from transformers import (
 from chatbot import weights
 from chatbot.errors import UserFacingError
 from chatbot.generation import decode_step
-from chatbot.generation.base import GenerationSettings, done, prompt_budget
+from chatbot.generation.base import FinishReason, GenerationSettings, done, prompt_budget
 from chatbot.generation.prefix_cache import PrefixCache
-from chatbot.generation.quantize import quantize
+from chatbot.generation.quantize import load_quantized, quantize, save_quantized
 from chatbot.state import Message, Role
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,9 @@ log = logging.getLogger(__name__)
 # OpenMP pool belongs to the calling thread, and a second pool competing for the cores cost a third
 # of the decoding speed on a 2-core machine (48 vs 34 tokens/s measured).
 _MODEL_THREAD = ThreadPoolExecutor(max_workers=1, thread_name_prefix="reply-model")
-PREFILL_CHUNK = 64  # tokens read ahead between checks for a reply waiting for the model thread
+# Prompts are read this many tokens at a time; between chunks a read-ahead gives way to a waiting
+# reply and a reply honours its stop (one chunk is a fraction of a second, however long the prompt).
+PREFILL_CHUNK = 64
 
 
 def wait_idle() -> None:
@@ -58,6 +61,23 @@ class _StopOnEvent(StoppingCriteria):
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
         stopped = any(e.is_set() for e in self.events)
         return torch.full((input_ids.shape[0],), stopped, dtype=torch.bool, device=input_ids.device)
+
+
+class _StopAtSentenceEnd(StoppingCriteria):
+    """Near the token limit, ends the reply as soon as a sentence ends, so it is not cut mid-sentence."""
+
+    def __init__(self, tokenizer, prompt_length: int, settings: GenerationSettings):
+        self.tokenizer = tokenizer
+        self.from_length = prompt_length + max(1, settings.max_new_tokens - settings.sentence_tail)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        done = input_ids.shape[1] >= self.from_length and bool(
+            _SENTENCE_END.search(self.tokenizer.decode(input_ids[0, -2:], skip_special_tokens=True)))
+        return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+
+
+# A sentence's end: punctuation after a non-digit ("1." starts a list item), maybe closing quotes.
+_SENTENCE_END = re.compile(r"[^\d\s][.!?…][\"')\]*]*\s*$")
 
 
 class TransformersGenerator(ABC):
@@ -104,25 +124,41 @@ class TransformersGenerator(ABC):
         """Tokenised model inputs for `messages` (batch of one)."""
 
     def stream(self, messages: list[Message], settings: GenerationSettings,
-               stop: threading.Event | None = None) -> Iterator[str]:
-        """Yield the reply in pieces as it is generated; setting `stop` ends it early."""
+               stop: threading.Event | None = None) -> Generator[str, None, FinishReason]:
+        """Yield the reply in pieces as it is generated; setting `stop` ends it early. Returns why it ended."""
         stop = stop or threading.Event()
         abandoned = threading.Event()  # our own signal, so the caller's `stop` keeps meaning "user asked"
         inputs = self.encode_prompt(messages)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         failure: list[BaseException] = []
+        generated: list[int] = []  # new tokens, for the finish reason
+
+        def stopped() -> bool:
+            return stop.is_set() or abandoned.is_set()
 
         def run() -> None:
             self._count_waiting(-1)
             try:
                 with self._lock, torch.inference_mode():
-                    if not stop.is_set():
-                        cache = self._reusable_cache(inputs["input_ids"][0])
+                    if not stopped():
+                        ids = inputs["input_ids"][0]
+                        cache = self._reusable_cache(ids)
+                        if cache is not None:
+                            # A long prompt is read chunk by chunk so a stop is honoured while it is read;
+                            # `generate` reads the last chunk and starts the reply from its logits.
+                            self._read(ids[:-PREFILL_CHUNK], cache, keep_going=lambda: not stopped())
+                            if stopped():
+                                if cache.get_seq_length():
+                                    self.prefix_cache.put(ids, cache)  # what was read serves the next try
+                                return
                         sequences = self.model.generate(
                             **inputs, **settings.generate_kwargs(), streamer=streamer,
-                            stopping_criteria=StoppingCriteriaList([_StopOnEvent(stop, abandoned)]),
+                            stopping_criteria=StoppingCriteriaList([
+                                _StopOnEvent(stop, abandoned),
+                                _StopAtSentenceEnd(self.tokenizer, inputs["input_ids"].shape[1], settings)]),
                             pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
                             **({"past_key_values": cache} if cache is not None else {}))
+                        generated.append(self._new_tokens(inputs, sequences))
                         if cache is not None:
                             self.prefix_cache.put(sequences[0], cache)
             except BaseException as error:  # noqa: BLE001 - surfaced in the consumer's thread below
@@ -142,6 +178,20 @@ class TransformersGenerator(ABC):
             worker.result()
         if failure:
             raise failure[0]
+        cut = generated and generated[0] >= settings.max_new_tokens and not stop.is_set()
+        return FinishReason.LENGTH if cut else FinishReason.STOP
+
+    @staticmethod
+    def _new_tokens(inputs: dict[str, torch.Tensor], sequences: torch.Tensor) -> int:
+        return sequences.shape[1] - inputs["input_ids"].shape[1]
+
+    def _read(self, ids: torch.Tensor, cache, keep_going: Callable[[], bool]) -> None:
+        """Extend `cache` over `ids` chunk by chunk while `keep_going()` (call under the lock, on the model thread)."""
+        done = cache.get_seq_length()
+        while done < len(ids) and keep_going():
+            chunk = ids[done:done + PREFILL_CHUNK]
+            self.model(input_ids=chunk[None], past_key_values=cache, use_cache=True, logits_to_keep=1)
+            done += len(chunk)
 
     def _reusable_cache(self, ids: torch.Tensor):
         """A KV cache already holding the longest known prefix of `ids` (or an empty one to fill)."""
@@ -168,17 +218,16 @@ class CausalChatGenerator(TransformersGenerator):
             if self.prefix_cache is None:
                 return
             cache = self._reusable_cache(ids)
-            start = done = cache.get_seq_length()
-            while done < len(ids) and not self._replies_waiting:
-                chunk = ids[done:done + PREFILL_CHUNK]
-                self.model(input_ids=chunk[None], past_key_values=cache, use_cache=True, logits_to_keep=1)
-                done += len(chunk)
-            if done > start:
+            start = cache.get_seq_length()
+            self._read(ids, cache, keep_going=lambda: not self._replies_waiting)
+            if cache.get_seq_length() > start:
                 self.prefix_cache.put(ids, cache)
 
     def encode_prompt(self, messages: list[Message]) -> dict[str, torch.Tensor]:
-        return self.tokenizer.apply_chat_template(_chat(messages), add_generation_prompt=True, return_dict=True,
-                                                  return_tensors="pt")
+        # A trailing assistant message is a reply to continue: no new reply header after it.
+        more = bool(messages) and messages[-1].role is Role.ASSISTANT
+        return self.tokenizer.apply_chat_template(_chat(messages), add_generation_prompt=not more,
+                                                  continue_final_message=more, return_dict=True, return_tensors="pt")
 
 
 def _log_failure(work: Future) -> None:
@@ -198,8 +247,13 @@ class Seq2SeqGenerator(TransformersGenerator):
 
     def encode_prompt(self, messages: list[Message]) -> dict[str, torch.Tensor]:
         lines = [m.content if m.role is Role.SYSTEM else f"{self._SPEAKER[m.role]}: {m.content}" for m in messages]
-        prompt = "\n".join(lines + ["Assistant:"])
+        more = bool(messages) and messages[-1].role is Role.ASSISTANT  # a reply to continue
+        prompt = "\n".join(lines if more else lines + ["Assistant:"])
         return self.tokenizer(prompt, return_tensors="pt", truncation=True, max_length=self.context_tokens)
+
+    @staticmethod
+    def _new_tokens(inputs: dict[str, torch.Tensor], sequences: torch.Tensor) -> int:
+        return sequences.shape[1] - 1  # the decoder's output starts with its start token
 
 
 def load_generator(spec: str, *, quantization: str = "none", max_context: int = 2048) -> TransformersGenerator:
@@ -216,8 +270,11 @@ def _load_generator(spec: str, quantization: str, max_context: int) -> Transform
         config = AutoConfig.from_pretrained(path)
         tokenizer = AutoTokenizer.from_pretrained(path)
         backend = Seq2SeqGenerator if config.is_encoder_decoder else CausalChatGenerator
-        auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
-        model = auto.from_pretrained(path, dtype=torch.float32)
+        if spec in weights.CHAT_MODELS and quantization != "none":
+            model = load_bundled(spec, quantization)
+        else:
+            auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+            model = quantize(auto.from_pretrained(path, dtype=torch.float32), quantization)
     except Exception as error:  # noqa: BLE001 - any loading failure gets the same clear message
         hint = "" if Path(spec).exists() or spec in weights.CHAT_MODELS else (
             " (not a local folder; downloading it from the Hugging Face hub needs internet access)")
@@ -225,9 +282,24 @@ def _load_generator(spec: str, quantization: str, max_context: int) -> Transform
     if backend is CausalChatGenerator and not tokenizer.chat_template:
         raise UserFacingError(f"The text model '{spec}' is a causal model without a chat template; "
                               "choose an instruction-tuned (chat) model")
-    model = quantize(model, quantization)
     if backend is CausalChatGenerator and decode_step.attach(model):
         log.info("Decoding steps use the lean one-token pass")
     limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None) or max_context
     log.info("Loaded text model %s (%s, %s)", spec, backend.__name__, quantization)
     return backend(spec, model, tokenizer, min(max_context, limit))
+
+
+def load_bundled(key: str, mode: str):
+    """A bundled chat model, quantized with `mode`, from its quantized checkpoint (made at the first start).
+
+    Later starts build no fp32 weights at all: the packed tensors are mapped from the cache.
+    """
+    bundled = weights.CHAT_MODELS[key]
+
+    def build(folder: Path) -> None:
+        log.info("Quantizing %s to %s once (the quantized checkpoint is kept in the cache) ...", key, mode)
+        fp32 = AutoModelForCausalLM.from_pretrained(bundled.checkpoint_dir(), dtype=torch.float32)
+        save_quantized(quantize(fp32.eval(), mode), folder)
+
+    # The int4 packing is the CPU kernel's own layout: a torch release may change it, so its version names the folder.
+    return load_quantized(bundled.quantized_dir(mode, build, f"torch{torch.__version__.split('+')[0]}"))

@@ -4,7 +4,10 @@ Decoding uses PyAV, which bundles its own FFmpeg, so no system FFmpeg is needed.
 The container format is chosen from the file's first bytes, never its name, and
 only from a short list of audio formats: a text file called `.wav` is refused
 and FFmpeg's playlist-style demuxers (which can open other files) never run.
-Everything after decoding (downmix, resampling, trimming, level) is torch/torchaudio.
+Each decoded frame goes through FFmpeg's resampler to 16 kHz mono float at once, so
+memory follows the length of the audio, never its declared sample rate (a rate
+with no common factor with 16 kHz made torchaudio build gigabyte filter banks).
+Everything after decoding (trimming, level) is torch.
 """
 
 from __future__ import annotations
@@ -15,9 +18,10 @@ from pathlib import Path
 
 import av
 import torch
-import torchaudio.functional as AF
 
 from chatbot.errors import UserFacingError
+from chatbot.media import sniff
+from chatbot.state import AttachmentKind
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +37,10 @@ TARGET_RMS_DB = -20.0  # typical level of normalised speech
 PEAK_LIMIT = 0.99  # normalisation never clips
 # Container durations of MP3/ADTS files are bitrate estimates; the decode loop is the hard bound.
 DURATION_ESTIMATE_SLACK = 1.1
+# Sample rates real recordings use lie between telephone (8 kHz, some old codecs 4 kHz) and studio (192 kHz).
+# Outside them a file is broken or built to hurt: at 1 Hz one packet would resample to hours of audio.
+MIN_RATE = 4_000
+MAX_RATE = 192_000
 
 
 @dataclass
@@ -44,12 +52,10 @@ class AudioClip:
 
 def load_audio(path: str | Path, *, max_seconds: float = 300.0) -> AudioClip:
     """Decode `path` and prepare it for speech recognition; bad input raises UserFacingError."""
-    samples, rate = _decode(Path(path), max_seconds)
-    duration = samples.numel() / rate
+    samples = _decode(Path(path), max_seconds)
+    duration = samples.numel() / SAMPLE_RATE
     if duration < MIN_SECONDS:
         raise UserFacingError(f"The recording is too short ({duration * 1000:.0f} ms) to contain any speech.")
-    if rate != SAMPLE_RATE:
-        samples = AF.resample(samples, rate, SAMPLE_RATE)
     samples = samples - samples.mean()  # DC offset from cheap microphones would skew every level below
     frame_db = _frame_levels_db(samples)
     if frame_db.max() < SILENT_DB:
@@ -61,35 +67,12 @@ def load_audio(path: str | Path, *, max_seconds: float = 300.0) -> AudioClip:
 
 def _sniff_format(path: Path) -> str | None:
     """The FFmpeg demuxer for the file's content, or None if it is not a supported audio format."""
-    with open(path, "rb") as f:
-        head = f.read(12)
-        if head[:3] == b"ID3" and len(head) >= 10:
-            # An ID3v2 tag (MP3, sometimes AAC/FLAC) comes first; look at what follows it.
-            size = (head[6] & 0x7F) << 21 | (head[7] & 0x7F) << 14 | (head[8] & 0x7F) << 7 | (head[9] & 0x7F)
-            f.seek(10 + size + (10 if head[5] & 0x10 else 0))
-            head = f.read(12)
-    if head[:4] in (b"RIFF", b"RF64") and head[8:12] == b"WAVE":
-        return "wav"
-    if head[:4] == b"OggS":
-        return "ogg"
-    if head[:4] == b"\x1a\x45\xdf\xa3":  # EBML: WebM / Matroska
-        return "matroska"
-    if head[4:8] == b"ftyp":  # ISO media: M4A / MP4
-        return "mov"
-    if head[:4] == b"fLaC":
-        return "flac"
-    if len(head) >= 3 and head[0] == 0xFF and head[1] & 0xE0 == 0xE0:  # MPEG audio frame sync
-        # The sync is only 11 bits, so check the header fields too before trusting it.
-        version, layer = (head[1] >> 3) & 0b11, (head[1] >> 1) & 0b11
-        if head[1] & 0xF6 == 0xF0 and (head[2] >> 2) & 0xF < 13:  # ADTS (raw AAC): layer 0, known rate
-            return "aac"
-        if layer == 0b01 and version != 0b01 and head[2] >> 4 != 0xF and (head[2] >> 2) & 0b11 != 0b11:
-            return "mp3"  # Layer III, valid version, bitrate and sample rate
-    return None
+    fmt = sniff(path)
+    return fmt.demuxer if fmt is not None and fmt.kind is AttachmentKind.AUDIO else None
 
 
-def _decode(path: Path, max_seconds: float) -> tuple[torch.Tensor, int]:
-    """Mono float samples at the file's own rate, refusing anything longer than `max_seconds`."""
+def _decode(path: Path, max_seconds: float) -> torch.Tensor:
+    """Mono float samples at SAMPLE_RATE, refusing anything longer than `max_seconds`."""
     try:
         if path.stat().st_size == 0:
             raise UserFacingError("The audio file is empty.")
@@ -100,7 +83,6 @@ def _decode(path: Path, max_seconds: float) -> tuple[torch.Tensor, int]:
         raise UserFacingError(f"This file is not a recording I can read. Please send {SUPPORTED} audio.")
 
     chunks: list[torch.Tensor] = []
-    rate = 0
     decoded = 0.0
     good = bad = 0
     promised = 0.0  # seconds the container header announces, if it says
@@ -109,11 +91,16 @@ def _decode(path: Path, max_seconds: float) -> tuple[torch.Tensor, int]:
             if not container.streams.audio:
                 raise UserFacingError("This file has no sound in it.")
             stream = container.streams.audio[0]
+            if stream.codec_context is None:  # a codec FFmpeg does not know (found by fuzzing)
+                raise _damaged()
+            if stream.codec_context.sample_rate:  # 0 when the header does not say; frames are checked below
+                _check_rate(stream.codec_context.sample_rate)
             if container.duration is not None:  # cheap: from the header, before decoding anything
                 promised = container.duration / av.time_base
                 if promised > max_seconds * DURATION_ESTIMATE_SLACK:
                     raise _too_long(max_seconds, promised)
-            to_float = av.AudioResampler(format="fltp")  # any sample format -> float planar, same layout and rate
+            # Any sample format, layout and rate -> 16 kHz mono float, one frame at a time.
+            to_speech = av.AudioResampler(format="flt", layout="mono", rate=SAMPLE_RATE)
             for packet in container.demux(stream):
                 try:
                     frames = packet.decode()
@@ -122,12 +109,11 @@ def _decode(path: Path, max_seconds: float) -> tuple[torch.Tensor, int]:
                     continue
                 good += 1
                 for frame in frames:
-                    for f in to_float.resample(frame):
-                        rate = rate or f.sample_rate
-                        chunks.append(torch.from_numpy(f.to_ndarray()).mean(dim=0))  # (channels, n) -> mono
-                        decoded += f.samples / f.sample_rate
+                    _check_rate(frame.sample_rate)  # streams may change rate midway
+                    decoded += _keep(to_speech.resample(frame), chunks)
                 if decoded > max_seconds:
                     raise _too_long(max_seconds, None)  # stop here: never decode hours of audio
+            decoded += _keep(to_speech.resample(None), chunks)  # what the resampler still holds
     except (av.FFmpegError, ValueError) as e:
         log.info("Could not decode %s as %s: %s", path, fmt, e)
         raise _damaged() from e
@@ -137,7 +123,21 @@ def _decode(path: Path, max_seconds: float) -> tuple[torch.Tensor, int]:
         raise _damaged()
     if not chunks:
         raise UserFacingError("The recording contains no sound.")
-    return torch.cat(chunks), rate
+    return torch.cat(chunks)
+
+
+def _keep(frames: list[av.AudioFrame], chunks: list[torch.Tensor]) -> float:
+    """Append the resampled frames' samples to `chunks`; the seconds they hold."""
+    for f in frames:
+        chunks.append(torch.from_numpy(f.to_ndarray()[0].copy()))  # packed mono: shape (1, n)
+    return sum(f.samples for f in frames) / SAMPLE_RATE
+
+
+def _check_rate(rate: int) -> None:
+    if not MIN_RATE <= rate <= MAX_RATE:
+        raise UserFacingError(f"This recording says it has {rate:,} samples per second, which no real "
+                              f"recording uses (they have {MIN_RATE // 1000}–{MAX_RATE // 1000} kHz). "
+                              "The file is probably damaged; please record or export it again.")
 
 
 def _damaged() -> UserFacingError:

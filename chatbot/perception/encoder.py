@@ -8,16 +8,13 @@ again (or a conversation re-encoded) costs nothing.
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import shutil
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from PIL import Image
-
+from chatbot import media
 from chatbot.errors import UserFacingError
 from chatbot.state import (
     Attachment,
@@ -30,13 +27,16 @@ from chatbot.state import (
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
-AUDIO_SUFFIXES = {".wav", ".mp3", ".ogg", ".oga", ".opus", ".webm", ".m4a", ".aac", ".mp4", ".flac"}
+NOT_MEDIA = ("'{name}' is not an image or recording I can read. Please send a photo (JPEG, PNG, WebP, GIF, BMP "
+             "or TIFF) or a recording (WAV, MP3, OGG/Opus, WebM, M4A/AAC or FLAC).")
 
 
-@dataclass
+@dataclass(frozen=True)
 class Limits:
-    max_file_mb: float = 50.0
+    # What one message may carry; each request holds the only model thread, so these bound its cost.
+    max_message_chars: int = 50_000  # a long pasted document; the model reads at most its context of it
+    max_files: int = 10
+    max_file_mb: float = 50.0  # also the upload limit the web server enforces
     max_image_mb: float = 20.0
     max_image_megapixels: float = 40.0
     max_audio_seconds: float = 300.0
@@ -57,9 +57,17 @@ class MultimodalEncoder:
 
     def encode(self, text: str, files: list[str | Path] = ()) -> Turn:
         """A user turn for `text` and `files`; raises UserFacingError for input it cannot use."""
-        turn = Turn(role=Role.USER, text=(text or "").strip())
+        text = (text or "").strip()
+        # Checked before any file is opened: refusing must cost nothing.
+        if len(text) > self.limits.max_message_chars:
+            raise UserFacingError(f"Your message is {len(text):,} characters long; messages can have at most "
+                                  f"{self.limits.max_message_chars:,}. Please send a shorter part of it.")
+        if len(files) > self.limits.max_files:
+            raise UserFacingError(f"You attached {len(files)} files; one message can carry at most "
+                                  f"{self.limits.max_files}. Please send them in smaller groups.")
+        turn = Turn(role=Role.USER, text=text)
         for file in files:
-            attachment, notes = self._encode_file(Path(file))
+            attachment, notes = self._encode_file(Path(file), turn.text)
             turn.attachments.append(attachment)
             turn.observations.extend(notes)
         if not turn.text and not turn.attachments:
@@ -67,7 +75,7 @@ class MultimodalEncoder:
         return turn
 
     # -- one file -------------------------------------------------------------------
-    def _encode_file(self, path: Path) -> tuple[Attachment, list[Observation]]:
+    def _encode_file(self, path: Path, question: str) -> tuple[Attachment, list[Observation]]:
         name = path.name
         if not path.is_file():
             raise UserFacingError(f"I couldn't find the uploaded file '{name}'. Please attach it again.")
@@ -77,42 +85,45 @@ class MultimodalEncoder:
         if size > self.limits.max_file_mb * 2**20:
             raise UserFacingError(f"'{name}' is {size / 2**20:.0f} MB; files can be at most "
                                   f"{self.limits.max_file_mb:.0f} MB.")
-        sha = file_sha256(path)
+        fmt = media.sniff(path)  # the content decides, never the name
+        if fmt is None:
+            raise UserFacingError(NOT_MEDIA.format(name=name))
+        sha = media.sha256_file(path)
         cached = self._cached(sha)
         if cached:
             kind, notes = cached
         else:
-            kind = self._kind_of(path)
-            notes = self._describe_image(path) if kind is AttachmentKind.IMAGE else self._transcribe(path)
+            kind = fmt.kind
+            notes = self._describe_image(path, once=True) if kind is AttachmentKind.IMAGE else self._transcribe(path)
             self._remember(sha, kind, notes)
-        stored = self._keep_copy(path, sha)
+        if kind is AttachmentKind.IMAGE and any(a.wants_question for a in self.analyzers):
+            notes = notes + self._answers(path, sha, question)
+        stored = self._keep_copy(path, sha, fmt)
         attachment = Attachment(kind=kind, path=str(stored), sha256=sha, name=name)
         return attachment, [replace(o, attachment=sha) for o in notes]
 
-    @staticmethod
-    def _kind_of(path: Path) -> AttachmentKind:
-        """Trust the content over the name: a photo renamed .mp3 is still a photo."""
-        try:
-            with Image.open(path):
-                return AttachmentKind.IMAGE
-        except Exception:  # noqa: BLE001 - not something Pillow can identify
-            pass
-        if path.suffix.lower() in IMAGE_SUFFIXES:
-            return AttachmentKind.IMAGE  # the image loader explains what is wrong with it
-        if path.suffix.lower() in AUDIO_SUFFIXES:
-            return AttachmentKind.AUDIO
-        # Unknown name: let the audio decoder sniff it; it says clearly if it is not audio either.
-        return AttachmentKind.AUDIO
+    def _answers(self, path: Path, sha: str, question: str) -> list[Observation]:
+        """What the question-answering analysers say about this photo and these words (cached per pair)."""
+        key = f"{sha}\n{question}"
+        cached = self._cached(key)
+        if cached:
+            return cached[1]
+        notes = self._describe_image(path, once=False, question=question)
+        self._remember(key, AttachmentKind.IMAGE, notes)
+        return notes
 
-    def _describe_image(self, path: Path) -> list[Observation]:
+    def _describe_image(self, path: Path, *, once: bool, question: str = "") -> list[Observation]:
+        """Notes from the analysers that describe a photo `once`, or else from those that answer `question`."""
         from chatbot.perception.images import load_image
 
         image = load_image(path, max_bytes=int(self.limits.max_image_mb * 2**20),
                            max_pixels=int(self.limits.max_image_megapixels * 1e6))
         notes: list[Observation] = []
         for analyzer in self.analyzers:
+            if analyzer.wants_question == once:
+                continue
             try:
-                notes.extend(analyzer.analyze(image))
+                notes.extend(analyzer.analyze(image, question))
             except Exception:  # noqa: BLE001 - one failing analyzer must not lose the photo
                 log.exception("Image analyzer %s failed on %s", analyzer.name, path.name)
         return notes
@@ -131,14 +142,11 @@ class MultimodalEncoder:
                 Observation(kind=ObservationKind.LANGUAGE, text=f"spoken language: {transcript.language}",
                             source=self.recognizer.name)]
 
-    def _keep_copy(self, path: Path, sha: str) -> Path:
+    def _keep_copy(self, path: Path, sha: str, fmt: media.MediaFormat) -> Path:
         """Copy the upload into the media folder the app owns (uploads in temp dirs vanish)."""
-        target = self.media_dir / sha[:2] / f"{sha}{path.suffix.lower()}"
+        target = media.media_path(self.media_dir, sha, fmt)
         if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(target.name + ".partial")
-            shutil.copyfile(path, tmp)
-            tmp.replace(target)
+            media.copy_file(path, target)
         return target
 
     # -- cache ------------------------------------------------------------------------
@@ -155,10 +163,3 @@ class MultimodalEncoder:
             while len(self._cache) > self._cache_size:
                 self._cache.popitem(last=False)
 
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()

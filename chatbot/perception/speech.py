@@ -63,6 +63,10 @@ class FasterWhisperRecognizer(SpeechRecognizer):
             WhisperModel,  # heavy (CTranslate2, ONNX runtime): import on first load
         )
 
+        from chatbot.perception.onnx import onnxruntime
+
+        onnxruntime()  # telemetry off before the voice-activity filter creates its ONNX session
+
         self.name = name or str(model_dir)
         self.settings = settings
         self.model = WhisperModel(str(model_dir), device="cpu", compute_type="int8", cpu_threads=_cpu_threads())

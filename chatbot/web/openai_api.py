@@ -246,7 +246,9 @@ def openai_router(service: ChatService, keys: ApiKeys, signed_in: bool = False) 
         count = service.generator.count_tokens
 
         def finish(reply: str) -> str:
-            return "length" if count(reply) >= settings.max_new_tokens else "stop"
+            # Once the reply has ended, its turn says whether the token limit cut it (FinishReason.LENGTH).
+            last = answer.conversation.turns[-1]
+            return "length" if last.role is Role.ASSISTANT and last.cut else "stop"
 
         def usage(reply: str) -> dict:
             done = count(reply)

@@ -1,16 +1,30 @@
 """The Gradio chat page: a thin layer that shows the dialogue state and forwards input.
 
-Everything it does goes through `ChatService`. The page holds only a
-`ChatSession` per browser tab (whose conversations, which one is open) and, in
-the browser's local storage, a random owner key that brings the same
-conversation list back after a reload or a server restart.
+Everything it does goes through `ChatService`. `ChatPage` holds the service and
+one handler method per control; `build()` lays the page out from small methods
+(`sidebar_panel`, `chat_area`, `input_row`, `wire`) that a subclass can extend,
+e.g. to add voice controls beside the message box. Per browser tab the page
+keeps only a `ChatSession` (whose conversations, which one is open) and, in the
+browser's local storage, a random owner key that brings the same conversation
+list back after a reload or a server restart.
+
+Streamed updates are built from a copy of the chat taken when the user's turn is
+in, plus the reply so far; the final update is read back from the store, so the
+page never renders an object the service is still changing.
 """
 
 from __future__ import annotations
 
 import functools
+import html
 import inspect
+import logging
+import os
+import re
 import tempfile
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import gradio as gr
@@ -21,12 +35,21 @@ from chatbot.conversation.owners import (
     new_owner_key,
     resolve_owner,
 )
-from chatbot.conversation.service import ChatService
+from chatbot.conversation.service import ChatService, clean_title
 from chatbot.errors import UserFacingError
 from chatbot.state import AttachmentKind, Conversation, ObservationKind, Role, Turn
+from chatbot.web.security import Throttle
 
+log = logging.getLogger(__name__)
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
+STATIC = Path(__file__).resolve().parent / "static"
 OWNER_STORAGE_KEY = "multimodal-chatbot-owner"
+FINISHED = "Reply finished."
+# While a reply runs the box offers Stop in place of Send (the two also look different: static/page.css).
+_BUSY_BOX = dict(interactive=False, submit_btn=False, stop_btn=True)
+_IDLE_BOX = dict(interactive=True, submit_btn=True, stop_btn=False)
+# After a reply the cursor goes back to the message box, ready for the next message.
+_FOCUS_BOX = "() => { setTimeout(() => document.querySelector('#message-box textarea')?.focus(), 50); }"
 
 _EXAMPLES = [
     {"text": "Hi! My name is Ana and I love hiking. Can you suggest a short weekend plan?"},
@@ -34,8 +57,12 @@ _EXAMPLES = [
     {"text": "", "files": [str(ASSETS / "examples" / "capital-of-france.wav")]},
     {"text": "Explain what a Python list comprehension is, with one example."},
 ]
+# Words for each example (an example with only a recording would otherwise be a button without a name).
+_EXAMPLE_LABELS = ["Plan a weekend hike", "Read a sign in a photo", "Ask by voice: the capital of France",
+                   "Explain list comprehensions"]
 
 
+# -- the conversation as Chatbot messages ---------------------------------------------------
 def _turn_content(turn: Turn) -> list:
     """A turn as Gradio chat content: media first (thumbnails, players), then words."""
     parts: list = []
@@ -45,6 +72,7 @@ def _turn_content(turn: Turn) -> list:
             spoken = " ".join(o.text for o in turn.notes_for(attachment) if o.kind is ObservationKind.TRANSCRIPT)
             parts.append(f"🎤 *{spoken}*" if spoken else "🎤 *(no words recognised)*")
     text = turn.text + ("\n\n*(stopped)*" if turn.interrupted else "")
+    text += "\n\n*(cut short at the length limit: press Continue for more)*" if turn.cut else ""
     if text.strip():
         parts.append(text)
     return parts
@@ -56,11 +84,39 @@ def shown_turns(conv: Conversation) -> list[Turn]:
 
 
 def chat_messages(conv: Conversation, reply: str | None = None) -> list[dict]:
-    """The conversation as Chatbot messages, plus the reply still being written, if any."""
+    """The conversation as Chatbot messages (new objects each call), plus the reply still being written."""
     messages = [{"role": t.role.value, "content": _turn_content(t)} for t in shown_turns(conv)]
     if reply:
         messages.append({"role": "assistant", "content": reply})
     return messages
+
+
+def _discard_uploads(files: list[str]) -> None:
+    """Remove uploads from Gradio's temp dir once the app is done with them (kept files are in media/)."""
+    uploads = Path(os.environ.get("GRADIO_TEMP_DIR") or Path(tempfile.gettempdir()) / "gradio").resolve()
+    for file in files:
+        path = Path(file).resolve()
+        if path.is_relative_to(uploads) and path != uploads:
+            path.unlink(missing_ok=True)
+            if path.parent != uploads and not any(path.parent.iterdir()):
+                path.parent.rmdir()
+
+
+def _refused(conv: Conversation) -> bool:
+    """Whether the last message sent was refused (it became a pair of notice turns)."""
+    return len(conv.turns) >= 2 and conv.turns[-2].role is Role.USER and conv.turns[-2].notice
+
+
+def _user_error(fn, error: UserFacingError) -> gr.Error:
+    """What the person did wrong is one log line, not a traceback, and the reason shown to them."""
+    log.info("%s: %s", fn.__name__, error)
+    return gr.Error(str(error), print_exception=False)
+
+
+def _user_error(fn, error: UserFacingError) -> gr.Error:
+    """What the person did wrong is one log line, not a traceback, and the reason shown to them."""
+    log.info("%s: %s", fn.__name__, error)
+    return gr.Error(str(error), print_exception=False)
 
 
 def _shown_errors(fn):
@@ -71,7 +127,7 @@ def _shown_errors(fn):
             try:
                 yield from fn(*args, **kwargs)
             except UserFacingError as error:
-                raise gr.Error(str(error)) from error
+                raise _user_error(fn, error) from error
         return stream
 
     @functools.wraps(fn)
@@ -79,189 +135,405 @@ def _shown_errors(fn):
         try:
             return fn(*args, **kwargs)
         except UserFacingError as error:
-            raise gr.Error(str(error)) from error
+            raise _user_error(fn, error) from error
     return call
 
 
-def build_ui(service: ChatService, browser_secret: str, concurrency_limit: int = 1) -> gr.Blocks:
-    """`browser_secret` encrypts the owner key in browsers; keep it across restarts or lists are lost."""
-    exports = tempfile.TemporaryDirectory(prefix="chatbot-exports-")  # removed when the app exits
+def _message_parts(message: dict | None) -> tuple[str, list[str]]:
+    """Text and file paths of a MultimodalTextbox value (as the page or an API client sends it)."""
+    message = message or {}
+    files = [f if isinstance(f, str) else f["path"] for f in message.get("files") or []]
+    return message.get("text") or "", files
 
+
+def export_name(conv: Conversation) -> str:
+    """A file name people recognise: the title and the date, e.g. `weekend-hike-2026-11-24.json`."""
+    words = re.sub(r"[^a-z0-9]+", "-", conv.title.lower()).strip("-")[:60].rstrip("-") or "conversation"
+    return f"{words}-{time.strftime('%Y-%m-%d', time.localtime(conv.created))}.json"
+
+
+def status_html(words: str, busy: bool = False) -> str:
+    """The reply status line; while busy the page's script counts seconds beside the words."""
+    if not busy:
+        return f"<span>{html.escape(words)}</span>"
+    return f'<span class="busy">{html.escape(words)}</span><span aria-hidden="true" data-elapsed></span>'
+
+
+def _unfinished(conv: Conversation) -> bool:
+    """Whether the last reply can be continued (cut at the length limit, or stopped)."""
+    last = conv.turns[-1] if conv.turns else None
+    return bool(last and last.role is Role.ASSISTANT and not last.notice and (last.cut or last.interrupted))
+
+
+@dataclass
+class Controls:
+    """The components handlers read and write; `build()` fills it, subclasses may add their own."""
+
+    session: gr.State
+    owner_key: gr.BrowserState
+    chatbot: gr.Chatbot
+    box: gr.MultimodalTextbox
+    conv_list: gr.Radio
+    title_box: gr.Textbox
+    new_btn: gr.Button
+    rename_btn: gr.Button
+    delete_btn: gr.Button
+    export_btn: gr.Button
+    import_btn: gr.UploadButton
+    export_file: gr.File
+    status: gr.HTML
+    continue_btn: gr.Button
+    confirm_row: gr.Row
+    confirm_text: gr.Markdown
+    confirm_yes: gr.Button
+    confirm_no: gr.Button
+
+
+class ChatPage:
+    """The chat page over one ChatService. Handlers are methods; `build()` returns the Gradio app."""
+
+    def __init__(self, service: ChatService, browser_secret: str, concurrency_limit: int = 1):
+        """`browser_secret` encrypts the owner key in browsers; keep it across restarts or lists are lost."""
+        self.service = service
+        self.browser_secret = browser_secret
+        self.concurrency_limit = concurrency_limit
+        self._exports = tempfile.TemporaryDirectory(prefix="chatbot-exports-")  # removed when the app exits
+        self._key_throttle = Throttle()  # owner keys are unguessable; still, make guessing slow
+
+    # -- who and where -------------------------------------------------------------------
+    @staticmethod
     def owner_of(session: ChatSession, request: gr.Request) -> str:
         # Browsers get their owner at page load; an API client is its Gradio session unless it chose a key.
         return session.owner or resolve_owner(user=request.username, session_hash=request.session_hash)
 
-    def opened(session: ChatSession, request: gr.Request) -> tuple[str, Conversation]:
-        owner = owner_of(session, request)
-        return owner, service.conversation(owner, session.conversation_id)
+    def opened(self, session: ChatSession, request: gr.Request) -> tuple[str, Conversation]:
+        owner = self.owner_of(session, request)
+        conv = self.service.conversation(owner, session.conversation_id)
+        if not conv.turns and session.title:
+            conv.title = session.title  # named before its first message: kept when that message stores it
+        return owner, conv
 
-    def conversation_choices(owner: str) -> list[tuple[str, str]]:
-        return [(c.title or "Untitled", c.id) for c in service.conversations(owner)]
+    def conversation_choices(self, owner: str) -> list[tuple[str, str]]:
+        return [(c.title or "Untitled", c.id) for c in self.service.conversations(owner)]
 
-    def sidebar(session: ChatSession, request: gr.Request):
-        owner, conv = opened(session, request)
-        choices = conversation_choices(owner)
+    def sidebar(self, session: ChatSession, request: gr.Request):
+        owner, conv = self.opened(session, request)
+        choices = self.conversation_choices(owner)
         current = conv.id if any(cid == conv.id for _, cid in choices) else None
         return gr.Radio(choices=choices, value=current), gr.Textbox(value=conv.title)
 
-    def on_load(key: str | None, request: gr.Request):
+    def on_load(self, key: str | None, request: gr.Request):
         if not isinstance(key, str) or len(key) < MIN_KEY_LENGTH:
             key = new_owner_key()
         session = ChatSession(owner=resolve_owner(user=request.username, key=key))
-        return session, key, gr.Radio(choices=conversation_choices(session.owner), value=None)
+        return session, key, gr.Radio(choices=self.conversation_choices(session.owner), value=None)
 
     # -- turns ----------------------------------------------------------------------------
-    def streamed(owner: str, conv: Conversation, replies):
+    def streamed(self, owner: str, conv: Conversation, replies: Iterable[str],
+                 keep_last: bool = True) -> Iterator[tuple]:
+        """Chat updates for a streamed reply: (messages, message box, session).
+
+        `keep_last=False` when the reply streamed is the conversation's last turn, continued.
+        """
         session = ChatSession(owner, conv.id)
-        locked = gr.MultimodalTextbox(value=None, interactive=False)
+        locked = gr.MultimodalTextbox(value=None, **_BUSY_BOX)
+        shown: list[dict] | None = None
         for reply in replies:
-            yield chat_messages(conv, reply), locked, session
-        yield chat_messages(conv), gr.MultimodalTextbox(interactive=True), session
+            if shown is None:
+                shown = chat_messages(conv)  # the user's turn is in: a copy of the chat so far
+                shown = shown if keep_last else shown[:-1]
+            yield [*shown, {"role": "assistant", "content": reply}] if reply else shown, locked, session
+        yield self.stored_messages(owner, conv.id), gr.MultimodalTextbox(**_IDLE_BOX), session
+
+    def stored_messages(self, owner: str, conv_id: str | None) -> list[dict]:
+        return chat_messages(self.service.conversation(owner, conv_id))
+
+    def waiting_words(self) -> str:
+        """What a new message waits for, in plain words."""
+        others = self.service.replies_running() - self.concurrency_limit + 1
+        if others <= 0:
+            return "Thinking…"
+        return f"Waiting for {others} other {'reply' if others == 1 else 'replies'} to finish…"
 
     @_shown_errors
-    def respond(message: dict | None, session: ChatSession, request: gr.Request):
-        owner, conv = opened(session, request)
-        text = (message or {}).get("text") or ""
-        files = [f if isinstance(f, str) else f["path"] for f in (message or {}).get("files") or []]
-        yield from streamed(owner, conv, service.respond(owner, conv, text, files))
+    def accept(self, message: dict | None, session: ChatSession, request: gr.Request):
+        """Show the message in the chat at once (it may wait for a free model) and lock the box."""
+        text, files = _message_parts(message)
+        if not text.strip() and not files:
+            raise UserFacingError("Type a message, attach a photo or record your voice first.")
+        owner, conv = self.opened(session, request)
+        shown = [*chat_messages(conv), {"role": "user", "content": [*({"path": f} for f in files), *([text] if text else [])]}]
+        return shown, gr.MultimodalTextbox(value=None, **_BUSY_BOX), message, gr.HTML(
+            status_html(self.waiting_words(), busy=True)), gr.Button(visible=False)
+
+    def busy(self):
+        """Box and status while a retry, edit or continue waits for and runs the model."""
+        return gr.MultimodalTextbox(**_BUSY_BOX), gr.HTML(status_html(self.waiting_words(), busy=True)), gr.Button(
+            visible=False)
+
+    def after_reply(self, session: ChatSession, request: gr.Request):
+        """Side panel, status line ("Reply finished."), Continue and a free message box once a reply ended.
+
+        The box is freed here too, as a reply that failed never sent its last update."""
+        return *self._after(session, request, FINISHED), gr.MultimodalTextbox(**_IDLE_BOX)
+
+    def after_change(self, session: ChatSession, request: gr.Request):
+        """The same after any other change (open, rename, undo...), with a quiet status line."""
+        return self._after(session, request, "")
+
+    def _after(self, session: ChatSession, request: gr.Request, words: str):
+        owner, conv = self.opened(session, request)
+        radio, title = self.sidebar(session, request)
+        return (radio, title, gr.HTML(status_html(words if conv.turns else "")), gr.Button(visible=_unfinished(conv)),
+                gr.File(value=None, visible=False),  # an earlier export link would be stale
+                gr.Column(visible=False))  # so would a question about deleting
 
     @_shown_errors
-    def regenerate(session: ChatSession, request: gr.Request):
-        owner, conv = opened(session, request)
-        yield from streamed(owner, conv, service.regenerate(owner, conv))
+    def respond(self, message: dict | None, session: ChatSession, request: gr.Request):
+        owner, conv = self.opened(session, request)
+        text, files = _message_parts(message)
+        try:
+            yield from self.streamed(owner, conv, self.service.respond(owner, conv, text, files))
+        finally:
+            if _refused(conv):  # a refused upload must not linger on disk
+                _discard_uploads(files)
 
     @_shown_errors
-    def edit(index: float | None, text: str, session: ChatSession, request: gr.Request):
-        owner, conv = opened(session, request)
+    def regenerate(self, session: ChatSession, request: gr.Request):
+        owner, conv = self.opened(session, request)
+        yield from self.streamed(owner, conv, self.service.regenerate(owner, conv))
+
+    @_shown_errors
+    def edit(self, index: float | None, text: str, session: ChatSession, request: gr.Request):
+        owner, conv = self.opened(session, request)
         turns = shown_turns(conv)
         position = int(index) if index is not None else -1
         if not 0 <= position < len(turns):
             raise UserFacingError("There is no such message to edit.")
-        yield from streamed(owner, conv, service.edit(owner, conv, turns[position].id, text))
+        yield from self.streamed(owner, conv, self.service.edit(owner, conv, turns[position].id, text))
 
-    def edit_in_chat(data: gr.EditData, session: ChatSession, request: gr.Request):
+    @_shown_errors
+    def continue_reply(self, session: ChatSession, request: gr.Request):
+        owner, conv = self.opened(session, request)
+        yield from self.streamed(owner, conv, self.service.continue_reply(owner, conv), keep_last=False)
+
+    def edit_in_chat(self, data: gr.EditData, session: ChatSession, request: gr.Request):
         value = data.value if isinstance(data.value, str) else " ".join(
             p.get("text", "") for p in data.value if isinstance(p, dict))
-        yield from edit(data.index, value, session, request)
+        yield from self.edit(data.index, value, session, request)
 
-    def undo(session: ChatSession, request: gr.Request):
-        owner, conv = opened(session, request)
-        service.undo(owner, conv)
-        return chat_messages(conv), ChatSession(owner, conv.id)
+    def undo(self, session: ChatSession, request: gr.Request):
+        owner, conv = self.opened(session, request)
+        self.service.undo(owner, conv)
+        return self.stored_messages(owner, conv.id), ChatSession(owner, conv.id)
 
-    def clear(session: ChatSession, request: gr.Request):
-        owner, conv = opened(session, request)
-        service.clear(owner, conv)
-        return [], gr.MultimodalTextbox(interactive=True), ChatSession(owner, conv.id)
+    def clear(self, session: ChatSession, request: gr.Request):
+        owner, conv = self.opened(session, request)
+        self.service.clear(owner, conv)
+        return [], gr.MultimodalTextbox(**_IDLE_BOX), ChatSession(owner, conv.id)
 
-    def stop(session: ChatSession, request: gr.Request) -> None:
-        service.stop(owner_of(session, request), session.conversation_id)
+    def stop(self, session: ChatSession, request: gr.Request) -> None:
+        self.service.stop(self.owner_of(session, request), session.conversation_id)
 
     # -- conversations ---------------------------------------------------------------------
-    def new_chat(session: ChatSession, request: gr.Request):
-        owner = owner_of(session, request)
-        return [], gr.MultimodalTextbox(value=None, interactive=True), ChatSession(owner, None)
+    def new_chat(self, session: ChatSession, request: gr.Request):
+        owner = self.owner_of(session, request)
+        return [], gr.MultimodalTextbox(value=None, **_IDLE_BOX), ChatSession(owner, None)
 
     @_shown_errors
-    def open_conversation(conv_id: str, session: ChatSession, request: gr.Request):
-        owner = owner_of(session, request)
-        conv = service.open(owner, conv_id or "")
+    def open_conversation(self, conv_id: str, session: ChatSession, request: gr.Request):
+        owner = self.owner_of(session, request)
+        conv = self.service.open(owner, conv_id or "")
         return chat_messages(conv), ChatSession(owner, conv.id)
 
     @_shown_errors
-    def use_key(key: str, request: gr.Request):
+    def use_key(self, key: str, request: gr.Request):
+        client = getattr(getattr(request, "client", None), "host", None) or "unknown"
+        wait = self._key_throttle.wait(client)
+        if wait > 0:
+            raise UserFacingError(f"Too many keys tried from here; try again in {wait:.0f} s.")
         session = ChatSession(owner=resolve_owner(user=request.username, key=key))
-        return session, list_conversations(session, request)
+        listed = self.list_conversations(session, request)
+        # A key with no conversations counts as a guess (a brand-new key is too, harmlessly).
+        (self._key_throttle.succeeded if listed else self._key_throttle.failed)(client)
+        return session, listed
 
-    def list_conversations(session: ChatSession, request: gr.Request) -> list[dict]:
+    def list_conversations(self, session: ChatSession, request: gr.Request) -> list[dict]:
         return [{"id": c.id, "title": c.title, "turns": c.turns, "created": c.created, "updated": c.updated}
-                for c in service.conversations(owner_of(session, request))]
+                for c in self.service.conversations(self.owner_of(session, request))]
 
     @_shown_errors
-    def rename(title: str, session: ChatSession, request: gr.Request) -> None:
-        owner, conv = opened(session, request)
-        service.rename(owner, conv.id, title)
+    def rename(self, title: str, session: ChatSession, request: gr.Request) -> ChatSession:
+        owner, conv = self.opened(session, request)
+        if not conv.turns:  # a new chat is stored with its first message; until then the tab keeps the name
+            return ChatSession(owner, conv.id, clean_title(title))
+        self.service.rename(owner, conv.id, title)
+        return ChatSession(owner, conv.id)
 
-    def delete(session: ChatSession, request: gr.Request):
-        owner = owner_of(session, request)
+    @_shown_errors
+    def ask_delete(self, session: ChatSession, request: gr.Request):
+        """The question before deleting: which conversation, and that it cannot be undone."""
+        owner, conv = self.opened(session, request)
+        if not conv.turns:
+            raise UserFacingError("This chat is not saved yet; there is nothing to delete.")
+        return gr.Column(visible=True), gr.Markdown(
+            f"Delete **{html.escape(conv.title or 'this conversation')}** for good?")
+
+    def delete(self, session: ChatSession, request: gr.Request):
+        owner = self.owner_of(session, request)
         if session.conversation_id:
-            service.delete(owner, session.conversation_id)
-        return new_chat(session, request)
+            self.service.delete(owner, session.conversation_id)
+        return self.new_chat(session, request)
 
     @_shown_errors
-    def export(session: ChatSession, request: gr.Request) -> str:
-        owner, conv = opened(session, request)
+    def export(self, session: ChatSession, request: gr.Request) -> gr.File:
+        owner, conv = self.opened(session, request)
         if not conv.turns:
             raise UserFacingError("This conversation is empty; there is nothing to export yet.")
-        path = Path(exports.name) / f"conversation-{conv.id}.json"
-        path.write_text(service.export_json(owner, conv.id), encoding="utf-8")
-        return str(path)
+        path = Path(self._exports.name) / conv.id / export_name(conv)
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(self.service.export_json(owner, conv.id), encoding="utf-8")
+        return gr.File(value=str(path), visible=True)
 
     @_shown_errors
-    def import_conversation(file: str | None, session: ChatSession, request: gr.Request):
+    def import_conversation(self, file: str | None, session: ChatSession, request: gr.Request):
         if not file:
             raise UserFacingError("Choose an exported conversation (.json) to import.")
-        owner = owner_of(session, request)
-        conv = service.import_json(owner, Path(file).read_text(encoding="utf-8"))
+        owner = self.owner_of(session, request)
+        try:
+            text = Path(file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError):
+            raise UserFacingError("That file is not a conversation exported from this app.") from None
+        finally:
+            _discard_uploads([file])  # its content is in the database now (or refused)
+        conv = self.service.import_json(owner, text)
         return chat_messages(conv), ChatSession(owner, conv.id)
 
-    with gr.Blocks(title="Multimodal Chatbot") as demo:
-        owner_key = gr.BrowserState(None, storage_key=OWNER_STORAGE_KEY, secret=browser_secret)
-        # Per browser tab; holds ids only, so ending a session just stops its running reply.
-        session = gr.State(ChatSession(), delete_callback=service.end_session)
+    # -- layout ---------------------------------------------------------------------------
+    def sidebar_panel(self) -> dict:
         with gr.Sidebar(label="Conversations", open=True):
             new_btn = gr.Button("New chat", variant="primary")
             conv_list = gr.Radio(label="Conversations", choices=[], elem_id="conversation-list")
             title_box = gr.Textbox(label="Title of this conversation", max_lines=1)
             with gr.Row():
                 rename_btn = gr.Button("Rename", size="sm")
-                delete_btn = gr.Button("Delete", size="sm", variant="stop")
+                delete_btn = gr.Button("Delete…", size="sm", variant="stop")
+            # Deleting asks first (the only delete control: the chat's own bin is not offered).
+            with gr.Column(visible=False, elem_id="confirm-delete") as confirm_row:
+                confirm_text = gr.Markdown()
+                with gr.Row():
+                    confirm_yes = gr.Button("Yes, delete it", size="sm", variant="stop")
+                    confirm_no = gr.Button("Keep it", size="sm")
             with gr.Row():
                 export_btn = gr.Button("Export", size="sm")
                 import_btn = gr.UploadButton("Import", size="sm", file_types=[".json"], file_count="single")
-            export_file = gr.File(label="Exported conversation", interactive=False)
+            export_file = gr.File(label="Exported conversation", interactive=False, visible=False)
+        return dict(new_btn=new_btn, conv_list=conv_list, title_box=title_box, rename_btn=rename_btn,
+                    delete_btn=delete_btn, export_btn=export_btn, import_btn=import_btn, export_file=export_file,
+                    confirm_row=confirm_row, confirm_text=confirm_text, confirm_yes=confirm_yes, confirm_no=confirm_no)
+
+    def chat_area(self) -> gr.Chatbot:
         gr.Markdown("### Multimodal Chatbot\nType, attach photos, or press the microphone and speak.")
-        chatbot = gr.Chatbot(label="Conversation", height=560, buttons=["copy"], editable="user",
-                             placeholder="Say hello, share a photo, or record a question.")
+        return gr.Chatbot(label="Conversation", height=560, elem_id="chat", buttons=["copy"], editable="user",
+                          placeholder="Say hello, share a photo, or record a question.")
+
+    def reply_controls(self) -> tuple[gr.HTML, gr.Button]:
+        """The status line (a live region: thinking, waiting, finished) and Continue for a cut reply."""
+        with gr.Row(equal_height=True):
+            status = gr.HTML("", elem_id="reply-status", padding=False)
+            continue_btn = gr.Button("Continue the reply", size="sm", visible=False, elem_id="continue-reply",
+                                     scale=0, min_width=160)
+        return status, continue_btn
+
+    def input_row(self) -> gr.MultimodalTextbox:
+        """The message box; override to put more controls (e.g. voice) beside it."""
         box = gr.MultimodalTextbox(
             sources=["upload", "microphone"], file_types=["image", "audio"], file_count="multiple",
             placeholder="Type a message, attach photos, or record your voice…", show_label=False,
-            autofocus=True, stop_btn=True, elem_id="message-box")
-        gr.Examples(examples=_EXAMPLES, inputs=box, label="Try")
+            autofocus=True, stop_btn=False, elem_id="message-box")
+        gr.Examples(examples=_EXAMPLES, inputs=box, label="Try", example_labels=_EXAMPLE_LABELS)
+        return box
+
+    def build(self) -> gr.Blocks:
+        with gr.Blocks(title="Multimodal Chatbot") as demo:
+            owner_key = gr.BrowserState(None, storage_key=OWNER_STORAGE_KEY, secret=self.browser_secret)
+            # Per browser tab; holds ids only, so ending a session just stops its running reply.
+            session = gr.State(ChatSession(), delete_callback=self.service.end_session)
+            panel = self.sidebar_panel()
+            chatbot = self.chat_area()
+            status, continue_btn = self.reply_controls()
+            box = self.input_row()
+            self.wire(demo, Controls(session=session, owner_key=owner_key, chatbot=chatbot, box=box, status=status,
+                                     continue_btn=continue_btn, **panel))
+        return demo
+
+    @staticmethod
+    def launch_options() -> dict:
+        """What `launch()` needs to show the page as designed: its style sheet and script (no network)."""
+        return dict(css_paths=[STATIC / "page.css"], head=(STATIC / "page.js").read_text(encoding="utf-8"))
+
+    def wire(self, demo: gr.Blocks, c: Controls) -> None:
+        """Connect controls to handlers; every API endpoint is named here."""
         # Inputs and outputs of API-only endpoints (no place on the page).
         with gr.Group(visible=False):
             api_text = gr.Textbox()
             api_index = gr.Number(precision=0)
             api_json = gr.JSON()
-            api_open, api_edit, api_key, api_list = (gr.Button() for _ in range(4))
+            api_message = gr.MultimodalTextbox()
+            api_chat, api_open, api_edit, api_key, api_list, api_clear = (gr.Button() for _ in range(6))
+        pending = gr.State(None)  # the message the page shows while it waits for the model
 
-        refresh = dict(fn=sidebar, inputs=[session], outputs=[conv_list, title_box], api_visibility="private",
-                       queue=False)
-        # Replies share one queue slot group: the model is one, and waiting users see their place.
-        reply = dict(concurrency_id="reply", concurrency_limit=concurrency_limit)
+        session, chatbot, box = c.session, c.chatbot, c.box
+        turn_out = [chatbot, box, session]
+        # Status updates are instant: no progress overlay of their own.
+        busy = dict(fn=self.busy, outputs=[box, c.status, c.continue_btn], api_visibility="private", queue=False,
+                    show_progress="hidden")
+        refreshed = [c.conv_list, c.title_box, c.status, c.continue_btn, c.export_file, c.confirm_row]
+        ended = dict(fn=self.after_reply, inputs=[session], outputs=[*refreshed, box], api_visibility="private",
+                     queue=False, show_progress="hidden")
+        changed = dict(fn=self.after_change, inputs=[session], outputs=refreshed, api_visibility="private",
+                       queue=False, show_progress="hidden")
+        # Replies share one queue slot group: the model is one. The page says in words what a reply
+        # waits for (the status line), so Gradio's own queue overlay is hidden.
+        reply = dict(concurrency_id="reply", concurrency_limit=self.concurrency_limit, show_progress="hidden")
         quick = dict(concurrency_limit=None)
 
-        demo.load(on_load, [owner_key], [session, owner_key, conv_list], api_visibility="private", queue=False)
-        box.submit(respond, [box, session], [chatbot, box, session], api_name="chat", **reply).then(**refresh)
-        box.stop(stop, [session], None, api_name="stop", queue=False)
-        chatbot.retry(regenerate, [session], [chatbot, box, session], api_name="retry", **reply).then(**refresh)
-        chatbot.undo(undo, [session], [chatbot, session], api_name="undo", **quick).then(**refresh)
-        chatbot.edit(edit_in_chat, [session], [chatbot, box, session], api_visibility="private",
-                     **reply).then(**refresh)
-        api_edit.click(edit, [api_index, api_text, session], [chatbot, box, session], api_name="edit",
-                       **reply).then(**refresh)
-        chatbot.clear(clear, [session], [chatbot, box, session], api_name="clear", **quick).then(**refresh)
-        new_btn.click(new_chat, [session], [chatbot, box, session], api_name="new_chat", queue=False).then(**refresh)
-        conv_list.input(open_conversation, [conv_list, session], [chatbot, session], api_visibility="private",
-                        **quick).then(**refresh)
-        api_open.click(open_conversation, [api_text, session], [chatbot, session], api_name="open",
-                       **quick).then(**refresh)
-        api_key.click(use_key, [api_text], [session, api_json], api_name="use_key", queue=False)
-        api_list.click(list_conversations, [session], [api_json], api_name="conversations", queue=False)
-        rename_btn.click(rename, [title_box, session], None, api_name="rename", **quick).then(**refresh)
-        title_box.submit(rename, [title_box, session], None, api_visibility="private", **quick).then(**refresh)
-        delete_btn.click(delete, [session], [chatbot, box, session], api_name="delete", **quick).then(**refresh)
-        export_btn.click(export, [session], [export_file], api_name="export", **quick)
-        import_btn.upload(import_conversation, [import_btn, session], [chatbot, session], api_name="import",
-                          **quick).then(**refresh)
-    return demo
+        def replied(event):
+            event.then(**ended).then(None, js=_FOCUS_BOX)
+
+        def after(event):
+            event.then(**changed)
+
+        demo.load(self.on_load, [c.owner_key], [session, c.owner_key, c.conv_list], api_visibility="private",
+                  queue=False)
+        replied(box.submit(self.accept, [box, session], [chatbot, box, pending, c.status, c.continue_btn],
+                         api_visibility="private", queue=False, show_progress="hidden")
+              .success(self.respond, [pending, session], turn_out, api_visibility="private", **reply))
+        replied(api_chat.click(self.respond, [api_message, session], turn_out, api_name="chat", **reply))
+        box.stop(self.stop, [session], None, api_name="stop", queue=False)
+        replied(chatbot.retry(**busy).then(self.regenerate, [session], turn_out, api_name="retry", **reply))
+        replied(c.continue_btn.click(**busy).then(self.continue_reply, [session], turn_out, api_name="continue",
+                                                **reply))
+        after(chatbot.undo(self.undo, [session], [chatbot, session], api_name="undo", **quick))
+        # The edit's data comes with the event itself, so its handler is the first in the chain.
+        replied(chatbot.edit(self.edit_in_chat, [session], turn_out, api_visibility="private", **reply))
+        replied(api_edit.click(self.edit, [api_index, api_text, session], turn_out, api_name="edit", **reply))
+        after(api_clear.click(self.clear, [session], turn_out, api_name="clear", **quick))
+        after(c.new_btn.click(self.new_chat, [session], turn_out, api_name="new_chat", queue=False))
+        after(c.conv_list.input(self.open_conversation, [c.conv_list, session], [chatbot, session],
+                                api_visibility="private", **quick))
+        after(api_open.click(self.open_conversation, [api_text, session], [chatbot, session], api_name="open",
+                             **quick))
+        api_key.click(self.use_key, [api_text], [session, api_json], api_name="use_key", queue=False)
+        api_list.click(self.list_conversations, [session], [api_json], api_name="conversations", queue=False)
+        after(c.rename_btn.click(self.rename, [c.title_box, session], [session], api_name="rename", **quick))
+        after(c.title_box.submit(self.rename, [c.title_box, session], [session], api_visibility="private", **quick))
+        c.delete_btn.click(self.ask_delete, [session], [c.confirm_row, c.confirm_text], api_visibility="private",
+                           queue=False, show_progress="hidden")
+        c.confirm_no.click(lambda: gr.Column(visible=False), None, [c.confirm_row], api_visibility="private",
+                           queue=False, show_progress="hidden")
+        after(c.confirm_yes.click(self.delete, [session], turn_out, api_name="delete", **quick))
+        c.export_btn.click(self.export, [session], [c.export_file], api_name="export", **quick)
+        after(c.import_btn.upload(self.import_conversation, [c.import_btn, session], [chatbot, session],
+                                  api_name="import", **quick))
+

@@ -1,29 +1,12 @@
 """Photo turns end to end on the real app: OCR and detectors describe, the bundled LM answers."""
 
-from pathlib import Path
 
 import pytest
 from gradio_client import Client
-from PIL import Image, ImageDraw, ImageFont
 from playwright.sync_api import Page, expect
 
+from harness.pictures import sign
 from tests.support.drivers import api_send, browser_send, files_of, text_of
-
-FONT = "/usr/share/fonts/truetype/dejavu/DejaVuSans-Bold.ttf"
-
-
-def sign(path: Path, *lines: str) -> Path:
-    """A street-sign-like photo with known text, drawn here."""
-    image = Image.new("RGB", (1200, 700), (20, 70, 150))
-    draw = ImageDraw.Draw(image)
-    try:
-        font = ImageFont.truetype(FONT, 110)
-    except OSError:
-        font = ImageFont.load_default(size=110)
-    for i, line in enumerate(lines):
-        draw.text((600, 220 + 220 * i), line, font=font, fill="white", anchor="mm")
-    image.save(path, quality=92)
-    return path
 
 
 @pytest.fixture

@@ -129,12 +129,14 @@ def test_prefill_reads_in_chunks_and_the_next_turn_reads_only_its_new_tail(gener
     with PrefillLengths(generator.model) as ahead:
         generator.prefill(HISTORY).result()
     assert len(ahead.lengths) > 3 and set(ahead.lengths[:-1]) == {4}
+    monkeypatch.undo()  # a reply reads a long prompt in chunks too; this tail is shorter than one
     with PrefillLengths(generator.model) as seen:
         "".join(generator.stream(NEXT, GREEDY))
     assert seen.lengths[0] == prompt_length(generator, NEXT) - sum(ahead.lengths)
 
 
-def test_prefill_gives_way_to_a_reply_waiting_for_the_model(generator):
+def test_prefill_gives_way_to_a_reply_waiting_for_the_model(generator, monkeypatch):
+    monkeypatch.setattr(decoder, "PREFILL_CHUNK", 10_000)  # a reply reads its prompt in one pass: lengths[0]
     gate = threading.Event()
     decoder._MODEL_THREAD.submit(gate.wait)  # keep the model thread busy while both are queued
     replies = []
@@ -155,6 +157,7 @@ def test_turns_where_the_window_moves_read_only_their_tail_when_read_ahead(tiny_
                                                                            read_ahead):
     if not read_ahead:
         monkeypatch.setattr(Conversation, "render_ahead", lambda *args: None)
+    monkeypatch.setattr(decoder, "PREFILL_CHUNK", 10_000)  # a reply reads its prompt in one pass: lengths[0]
     generator = load_generator(str(tiny_causal_dir), max_context=600)
     store = ConversationStore(tmp_path / "data")
     service = ChatService(MultimodalEncoder(store.media_dir), generator, store, GenerationSettings(8, temperature=0),

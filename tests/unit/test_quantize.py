@@ -1,11 +1,13 @@
-"""quantize() on a tiny randomly initialised causal LM: logits stay close to fp32 and generate still works."""
+"""quantize() on a tiny randomly initialised causal LM: logits stay close to fp32 and generate still works;
+a quantized checkpoint saved once loads back to the very same model without building fp32 weights."""
 
 import pytest
 import torch
 from torch import nn
 from transformers import Qwen2Config, Qwen2ForCausalLM
 
-from chatbot.generation.quantize import MODES, quantize
+from chatbot.generation import decode_step
+from chatbot.generation.quantize import MODES, Int8Embedding, load_quantized, quantize, save_quantized
 
 
 def tiny_lm() -> Qwen2ForCausalLM:
@@ -47,9 +49,10 @@ def test_generate_works(mode):
 def test_quantizes_every_linear_including_the_tied_head(mode):
     model = quantize(tiny_lm(), mode)
     assert not any(isinstance(m, nn.Linear) for m in model.modules())
-    # The input embeddings the head was tied to keep their exact fp32 values.
-    assert model.get_input_embeddings().weight.dtype == torch.float32
-    assert torch.equal(model.get_input_embeddings().weight, tiny_lm().get_input_embeddings().weight)
+    # The input embeddings the head was tied to become int8 rows, looked up row by row, close to the fp32 ones.
+    assert isinstance(model.get_input_embeddings(), Int8Embedding)
+    exact = tiny_lm().get_input_embeddings()(IDS)
+    assert relative_error(model.get_input_embeddings()(IDS), exact) <= 0.01
     model.tie_weights()  # transformers may re-tie later (e.g. on resize); the quantized head must survive it
     assert not isinstance(model.lm_head, nn.Linear)
 
@@ -77,3 +80,46 @@ def test_a_layer_taller_than_one_quantization_slice_stays_close(mode, tolerance)
     x = torch.randn(3, 64)
     expected = layer(x).detach()
     assert relative_error(quantize(nn.Sequential(layer), mode)(x), expected) <= tolerance
+
+
+def _greedy(model: nn.Module) -> torch.Tensor:
+    with torch.inference_mode():
+        return model.generate(IDS, attention_mask=torch.ones_like(IDS), max_new_tokens=6, min_new_tokens=6,
+                              do_sample=False)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_a_saved_quantized_checkpoint_loads_back_to_the_same_logits(mode, tmp_path):
+    in_memory = quantize(tiny_lm(), mode)
+    save_quantized(in_memory, tmp_path)
+    loaded = load_quantized(tmp_path)
+    assert torch.equal(logits(loaded, IDS), logits(in_memory, IDS))
+    # The lean decoding pass takes the loaded model (fused siblings included) and decodes the same tokens.
+    assert decode_step.attach(loaded)
+    assert torch.equal(_greedy(loaded), _greedy(in_memory))
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_loading_a_quantized_checkpoint_builds_no_fp32_weights(mode, tmp_path, monkeypatch):
+    save_quantized(quantize(tiny_lm(), mode), tmp_path)
+    built = []
+    original = nn.Linear.reset_parameters
+    # Any fp32 weight matrix made for real (not on the meta device) on the way would pass through here.
+    monkeypatch.setattr(nn.Linear, "reset_parameters",
+                        lambda self: built.append(self.weight.shape) if not self.weight.is_meta else original(self))
+    model = load_quantized(tmp_path)
+    assert built == []
+    state = model.state_dict()
+    # Full-precision weights left: only vectors (norms, biases); every matrix is stored as 8- or 4-bit codes.
+    assert all(t.dim() == 1 for name, t in state.items() if name.endswith((".weight", ".bias")))
+    assert {t.dtype for name, t in state.items() if name.endswith(("weight_int8", "weight_int4"))} <= {torch.int8,
+                                                                                                     torch.uint8}
+    assert not any(t.is_meta for t in model.state_dict().values())
+
+
+def test_a_checkpoint_of_another_torch_version_is_refused(tmp_path):
+    save_quantized(quantize(tiny_lm(), "int4"), tmp_path)
+    manifest = tmp_path / "quantized.json"
+    manifest.write_text(manifest.read_text().replace(torch.__version__, "0.0.1"))
+    with pytest.raises(ValueError, match="torch version"):
+        load_quantized(tmp_path)

@@ -1,25 +1,31 @@
-"""ChatService: a turn end to end on a tiny model, bad input, stop, abandoned streams, chat controls,
-ownership and durability (every change is in the store when the call returns)."""
+"""ChatService: a turn end to end, bad input, stop, abandoned streams, chat controls, ownership and
+durability (every change is in the store when the call returns). Every test runs on each registered
+backend: a tiny transformers model and the model-free canned generator."""
 
 import pytest
 from PIL import Image
 
+from chatbot.config import Config
 from chatbot.conversation.owners import resolve_owner
 from chatbot.conversation.service import ChatService, IncomingMessage
 from chatbot.conversation.store import ConversationNotFound, ConversationStore
 from chatbot.errors import UserFacingError
-from chatbot.generation.transformers_backend import GenerationSettings, load_generator
+from chatbot.generation.base import GenerationSettings, ReplyGenerator, load_generator
 from chatbot.perception.encoder import MultimodalEncoder
 from chatbot.state import Role
+from tests.support import canned  # also registers the `canned` backend
 
 ANA, BEN = "key:ana", "key:ben"
 LONG = GenerationSettings(max_new_tokens=400, temperature=0)
 
 
-@pytest.fixture(scope="module")
-def generator(tiny_causal_dir):
-    gen = load_generator(str(tiny_causal_dir))
-    gen.model.generation_config.suppress_tokens = gen.tokenizer.all_special_ids  # replies run to the limit
+@pytest.fixture(scope="module", params=["transformers", "canned"])
+def generator(request, tiny_causal_dir):
+    """Chosen through the registry, as app.py chooses."""
+    gen = load_generator(Config(text_backend=request.param, text_model=str(tiny_causal_dir), quantize="none"))
+    assert isinstance(gen, ReplyGenerator)
+    if request.param == "transformers":
+        gen.model.generation_config.suppress_tokens = gen.tokenizer.all_special_ids  # replies run to the limit
     return gen
 
 
@@ -85,7 +91,8 @@ def test_owner_keys_are_hashed_and_must_be_long():
 @pytest.mark.parametrize("name, content, expected", [
     ("missing.png", None, "couldn't find"),
     ("empty.wav", b"", "empty"),
-    ("voice.wav", b"RIFF" + bytes(64), "Voice messages are turned off"),
+    ("voice.wav", b"RIFF" + bytes(4) + b"WAVE" + bytes(56), "Voice messages are turned off"),
+    ("page.png", b"<html><script>alert(1)</script>", "not an image or recording"),
 ])
 def test_bad_input_becomes_a_notice_and_keeps_the_conversation(service, store, tmp_path, name, content, expected):
     if content is not None:
@@ -214,13 +221,60 @@ def test_a_reply_cut_off_by_a_crash_is_marked_interrupted_at_the_next_start(serv
     assert not restarted.open(ANA, conv.id).turns[-1].interrupted
 
 
+SHORT = GenerationSettings(max_new_tokens=4, temperature=0)
+
+
+def test_a_reply_cut_at_the_token_limit_is_marked_and_can_be_continued(service, store):
+    conv = service.new_conversation()
+    said(service, ANA, conv, "tell me about the weather today", settings=SHORT)
+    cut = conv.turns[-1]
+    assert cut.cut and not cut.interrupted and store.load(ANA, conv.id).turns[-1].cut
+    first = cut.text
+    updates = list(service.continue_reply(ANA, conv, settings=SHORT))
+    assert updates[0] == first and all(u.startswith(first) for u in updates)
+    assert len(conv.turns) == 2 and conv.turns[-1].id == cut.id  # the same reply, longer
+    assert len(conv.turns[-1].text) > len(updates[0]) and conv.turns[-1].text == updates[-1].strip()
+    assert store.load(ANA, conv.id) == conv
+    said(service, ANA, conv, "and tomorrow?")
+    with pytest.raises(UserFacingError, match="no unfinished reply"):
+        list(service.continue_reply(ANA, service.new_conversation()))
+
+
+def test_a_stopped_reply_can_be_continued_and_is_not_marked_cut(service, store):
+    conv = service.new_conversation()
+    for reply in service.respond(ANA, conv, "tell me about the weather", settings=LONG):
+        if reply:
+            service.stop(ANA, conv.id)
+    assert conv.turns[-1].interrupted and not conv.turns[-1].cut
+    list(service.continue_reply(ANA, conv, settings=SHORT))
+    assert conv.turns[-1].cut and not conv.turns[-1].interrupted
+    assert store.load(ANA, conv.id) == conv
+
+
+def test_a_continued_reply_is_not_kept_if_the_conversation_moved_on(service, store):
+    conv = service.new_conversation()
+    said(service, ANA, conv, "hello cat", settings=SHORT)
+    stream = service.continue_reply(ANA, conv, settings=SHORT)
+    next(stream)
+    service.undo(ANA, service.conversation(ANA, conv.id))  # e.g. from a second tab
+    list(stream)
+    assert service.conversations(ANA) == []
+
+
+def test_a_reply_that_ends_by_itself_is_not_cut(store):
+    service = ChatService(MultimodalEncoder(store.media_dir), canned.CannedGenerator(), store, LONG)
+    conv = service.new_conversation()
+    said(service, ANA, conv, "hello cat")
+    assert conv.turns[-1].text == "thanks for your message about hello cat" and not conv.turns[-1].cut
+    with pytest.raises(UserFacingError):
+        list(service.continue_reply(ANA, conv))
 # -- stateless clients (the OpenAI protocol sends the whole history every time) ------------------
 def test_a_resent_history_continues_one_stored_conversation_without_encoding_again(service, store, tmp_path):
     photo = tmp_path / "p.png"
     Image.new("RGB", (40, 30), "red").save(photo)
     calls = []
     describe = service.encoder._describe_image
-    service.encoder._describe_image = lambda path: calls.append(path) or describe(path)
+    service.encoder._describe_image = lambda path, **kw: calls.append(path) or describe(path, **kw)
     first = [IncomingMessage(Role.USER, "hello cat photo", (photo,))]
     answer = service.answer(ANA, first)
     reply = list(answer.replies)[-1].strip()

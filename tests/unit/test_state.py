@@ -51,8 +51,29 @@ def test_render_puts_system_prompt_first_and_attachment_notes_in_the_turn():
     messages = conv.render(words, budget=10_000)
     assert messages[0].role == "system" and messages[0].content == DEFAULT_SYSTEM_PROMPT
     assert messages[1].role == "user"
-    assert "[Photo 1, the user's first photo (" in messages[1].content and "MAIN STREET" in messages[1].content
+    assert "[Photo 1, the user's first photo: " in messages[1].content and "MAIN STREET" in messages[1].content
     assert messages[1].content.endswith("What does the sign say?")
+
+
+def test_a_photos_file_name_never_reaches_the_model():
+    # A photo named coffee.jpg made the model "see" coffee whatever the pixels showed.
+    photo = Attachment(kind=AttachmentKind.IMAGE, path="/m/x.jpg", sha256="e" * 64, name="coffee.jpg")
+    turn = Turn(role=Role.USER, text="What is this?", attachments=[photo], observations=[
+        Observation(kind="labels", text="what it shows: probably a cat (91%)", attachment="e" * 64)])
+    conv = Conversation()
+    conv.add_user_turn(turn)
+    content = conv.render(words, 10_000)[-1].content
+    assert "coffee" not in content and "probably a cat (91%)" in content
+
+
+def test_a_photo_with_nothing_recognised_says_the_models_cannot_tell():
+    photo = Attachment(kind=AttachmentKind.IMAGE, path="/m/n.png", sha256="f" * 64, name="IMG_0001.png")
+    turn = Turn(role=Role.USER, attachments=[photo], observations=[
+        Observation(kind="facts", text="640×480 landscape photo, mostly green", attachment="f" * 64)])
+    conv = Conversation()
+    conv.add_user_turn(turn)
+    assert conv.render(words, 10_000)[-1].content == \
+        "[Photo 1, the user's first photo: the image models could not tell what it shows]"
 
 
 def test_voice_turn_renders_transcript_as_the_users_words():
@@ -95,11 +116,14 @@ def test_newest_words_of_dropped_turns_are_kept_first():
     assert kept == list(range(kept[0], kept[-1] + 1)) and kept[-1] < 29
 
 
-def test_current_turn_kept_even_when_alone_over_budget():
-    conv = Conversation()
-    conv.add_user_turn(Turn(role="user", text="word " * 300))
-    messages = conv.render(words, budget=50)
-    assert messages[-1].content.startswith("word word")
+def test_current_turn_longer_than_the_budget_keeps_its_start_and_end():
+    conv = chat(3)
+    conv.add_user_turn(Turn(role="user", text="Please summarise: " + "word " * 3000 + "What is it about?"))
+    messages = conv.render(words, budget=400)
+    assert sum(words(m.content) + 6 for m in messages) <= 400  # 6: the per-message overhead render counts
+    newest = messages[-1].content
+    assert "Please summarise: word" in newest and newest.endswith("What is it about?")
+    assert "characters left out" in newest and words(newest) > 50  # what the note and system prompt leave
 
 
 def test_notice_turns_are_shown_but_never_rendered():

@@ -57,10 +57,11 @@ def media_file(store: ConversationStore, content: bytes, suffix: str) -> Attachm
 
 def sample(store: ConversationStore) -> Conversation:
     conv = Conversation(system_prompt="Be brief. «ünïcode»")
-    photo, voice = media_file(store, b"\x89PNG fake photo", ".png"), media_file(store, b"RIFF fake wav", ".wav")
+    photo, voice = (media_file(store, b"\x89PNG\r\n\x1a\n fake photo", ".png"),
+                    media_file(store, b"RIFF\x00\x00\x00\x00WAVE fake wav", ".wav"))
     conv.add_user_turn(Turn(role=Role.USER, text="What does the sign say? 🙂", attachments=[photo],
                             observations=[Observation("ocr", 'text in the photo: "OPEN"', photo.sha256, "ocr")]))
-    conv.add_assistant_turn("It says OPEN.")
+    conv.add_assistant_turn("It says OPEN. It also", cut=True)
     conv.add_user_turn(Turn(role=Role.USER, attachments=[voice],
                             observations=[Observation("transcript", "what is the capital of France",
                                                       voice.sha256, "whisper")]))
@@ -73,7 +74,7 @@ def test_database_uses_wal_foreign_keys_and_a_schema_version(tmp_path):
     store = ConversationStore(tmp_path / "data")
     db = sqlite3.connect(store.path)
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert db.execute("PRAGMA user_version").fetchone()[0] == 1
+    assert db.execute("PRAGMA user_version").fetchone()[0] == 2
     assert {"conversations", "turns", "attachments", "observations"} <= {
         r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     assert store._db.execute("PRAGMA foreign_keys").fetchone()[0] == 1
@@ -98,6 +99,43 @@ def test_attachment_paths_are_stored_relative_so_the_data_dir_can_move(store, op
     moved = shutil.move(store.data_dir, tmp_path / "moved")
     loaded = open_store(moved).load(ANA, conv.id)
     assert all(a.path.startswith(str(moved)) and open(a.path, "rb").read() for a in loaded.attachments())
+
+
+def test_a_version_1_database_is_migrated_in_place(store, open_store):
+    conv = sample(store)
+    store.save(ANA, conv)
+    with store._transaction():  # the version 1 layout, written through the database's own dialect
+        store._db.execute("ALTER TABLE turns DROP COLUMN cut")
+        store._db.set_schema_version(1)
+    store.close()
+    reopened = open_store(store.data_dir)
+    loaded = reopened.load(ANA, conv.id)
+    assert [t.text for t in loaded.turns] == [t.text for t in conv.turns] and not any(t.cut for t in loaded.turns)
+    reopened.save(ANA, conv)
+    assert reopened.load(ANA, conv.id) == conv
+
+
+def test_a_version_1_export_still_imports(store):
+    conv = sample(store)
+    store.save(ANA, conv)
+    document = json.loads(store.export_json(ANA, conv.id))
+    document["version"] = 1
+    for turn in document["conversation"]["turns"]:
+        del turn["cut"]
+    imported = store.import_json(BEN, json.dumps(document))
+    assert [t.text for t in imported.turns] == [t.text for t in conv.turns]
+
+
+def test_replace_last_only_replaces_an_unchanged_last_turn(store):
+    conv = sample(store)
+    store.save(ANA, conv)
+    last = conv.turns[-1]
+    longer = Turn(role=Role.ASSISTANT, text="a longer notice", id=last.id, notice=True)
+    assert not store.replace_last(BEN, conv.id, len(conv.turns) - 1, longer)  # not Ben's
+    assert not store.replace_last(ANA, conv.id, len(conv.turns) - 2, longer)  # not the last turn
+    assert not store.replace_last(ANA, conv.id, len(conv.turns) - 1, Turn(role=Role.ASSISTANT, text="other"))
+    assert store.replace_last(ANA, conv.id, len(conv.turns) - 1, longer)
+    assert store.load(ANA, conv.id).turns[-1] == longer and len(store.load(ANA, conv.id).turns) == len(conv.turns)
 
 
 def test_each_owner_sees_only_their_own(store):
@@ -216,17 +254,25 @@ def test_export_then_import_is_exact(store, tmp_path):
 
     elsewhere = ConversationStore(tmp_path / "elsewhere")  # another server: files come from the document
     imported = elsewhere.import_json(BEN, exported)
-    assert imported.id == conv.id
-    assert elsewhere.export_json(BEN, imported.id) == exported
+    assert imported.id != conv.id  # imports always get fresh ids: a document never picks a stored id
+    assert without_ids(elsewhere.export_json(BEN, imported.id)) == without_ids(exported)
     for a, b in zip(conv.attachments(), elsewhere.load(BEN, imported.id).attachments()):
         assert open(a.path, "rb").read() == open(b.path, "rb").read()
 
     store.delete(ANA, conv.id)  # same server, after deleting the original: identical again
     again = store.import_json(ANA, exported)
-    assert store.export_json(ANA, again.id) == exported
-    twice = store.import_json(ANA, exported)  # the id is taken now: a copy with a new id
-    assert twice.id != conv.id
-    assert json.loads(store.export_json(ANA, twice.id))["conversation"] == {**document["conversation"], "id": twice.id}
+    assert without_ids(store.export_json(ANA, again.id)) == without_ids(exported)
+    twice = store.import_json(ANA, exported)
+    assert twice.id != again.id
+    assert without_ids(store.export_json(ANA, twice.id)) == without_ids(exported)
+
+
+def without_ids(exported: str) -> dict:
+    document = json.loads(exported)
+    document["conversation"]["id"] = None
+    for turn in document["conversation"]["turns"]:
+        turn["id"] = None
+    return document
 
 
 def test_export_by_reference_imports_on_the_same_server_only(store, tmp_path):
@@ -234,8 +280,8 @@ def test_export_by_reference_imports_on_the_same_server_only(store, tmp_path):
     store.save(ANA, conv)
     exported = store.export_json(ANA, conv.id, include_files=False)
     assert "files" not in json.loads(exported)
-    store.delete(ANA, conv.id)
-    assert store.export_json(ANA, store.import_json(ANA, exported).id, include_files=False) == exported
+    copy = store.import_json(ANA, exported)  # the owner still has the files (in `conv`)
+    assert without_ids(store.export_json(ANA, copy.id, include_files=False)) == without_ids(exported)
     with pytest.raises(UserFacingError, match="not included"):
         ConversationStore(tmp_path / "elsewhere").import_json(ANA, exported)
 

@@ -15,7 +15,9 @@ from chatbot.perception.images import LoadedImage, load_image
 from chatbot.perception.vision import (
     Captioner,
     ImageFacts,
+    ObjectDetector,
     PeopleDetector,
+    SceneClassifier,
     TextReader,
     load_analyzers,
 )
@@ -336,26 +338,56 @@ def blip_vqa_dir(tmp_path_factory) -> Path:
     return _tiny_blip(tmp_path_factory.mktemp("models") / "tiny-blip-vqa", "BlipForQuestionAnswering")
 
 
-def _assert_caption(observations) -> None:
+def _caption_words(observations, prefix: str) -> list[str]:
     assert [o.kind for o in observations] == ["caption"]
     text = observations[0].text
-    assert text.startswith("caption: ")
-    words = text.removeprefix("caption: ").split()
+    assert text.startswith(prefix), text
+    words = text.removeprefix(prefix).split()
     assert words and set(words) <= set(_CAPTION_WORDS)
+    return words
 
 
 def test_captioner_runs_end_to_end(blip_dir: Path):
     captioner = Captioner(blip_dir)
 
-    assert captioner.question is None
-    _assert_caption(captioner.analyze(_loaded(_photo_like(1600, 1200))))
+    assert not captioner.wants_question  # captioned once per photo
+    _caption_words(captioner.analyze(_loaded(_photo_like(1600, 1200)), "ignored"), "an image model's caption: ")
 
 
-def test_vqa_model_is_asked_a_question(blip_vqa_dir: Path):
+def test_vqa_model_is_asked_the_users_question(blip_vqa_dir: Path):
     captioner = Captioner(str(blip_vqa_dir))
 
-    assert captioner.question == "What is in this picture?"
-    _assert_caption(captioner.analyze(_loaded(_photo_like(64, 48))))
+    assert captioner.wants_question
+    photo = _loaded(_photo_like(64, 48))
+    _caption_words(captioner.analyze(photo, "What colour is the sky?"),
+                   'an image model asked "What colour is the sky?" answered: ')
+    _caption_words(captioner.analyze(photo, ""), 'an image model asked "What is in this picture?" answered: ')
+
+
+def test_the_encoder_asks_each_new_question_and_describes_the_photo_once(blip_vqa_dir: Path, tmp_path: Path):
+    from chatbot.perception.encoder import MultimodalEncoder
+
+    class CountingFacts(ImageFacts):
+        calls = 0
+
+        def analyze(self, img, question=""):
+            CountingFacts.calls += 1
+            return super().analyze(img, question)
+
+    encoder = MultimodalEncoder(tmp_path / "media", analyzers=[Captioner(blip_vqa_dir), CountingFacts()])
+    photo = tmp_path / "IMG_0001.png"
+    _photo_like(64, 48).save(photo)
+    first = encoder.encode("Is there a dog?", [photo])
+    second = encoder.encode("What colour is the sky?", [photo])
+    again = encoder.encode("Is there a dog?", [photo])
+
+    def asked(turn):
+        return [o.text.split(" answered")[0] for o in turn.observations if o.kind == "caption"]
+
+    assert asked(first) == ['an image model asked "Is there a dog?"']
+    assert asked(second) == ['an image model asked "What colour is the sky?"']
+    assert again.observations == first.observations
+    assert CountingFacts.calls == 1  # the question-free analysers ran once for this content
 
 
 @pytest.mark.parametrize("model", ["no-such-org/no-such-captioner", "/nonexistent/folder"])
@@ -372,7 +404,7 @@ def test_folder_without_a_model_raises_user_facing_error(tmp_path: Path):
 
 
 def test_load_analyzers_default_and_with_captioner(blip_dir: Path):
-    assert [type(a) for a in load_analyzers()] == [TextReader, PeopleDetector, ImageFacts]
+    assert [type(a) for a in load_analyzers()] == [SceneClassifier, ObjectDetector, TextReader, PeopleDetector, ImageFacts]
     assert isinstance(load_analyzers(str(blip_dir))[-1], Captioner)
     with pytest.raises(UserFacingError, match="no-such-captioner"):
         load_analyzers("no-such-org/no-such-captioner")

@@ -62,7 +62,7 @@ class PeopleDetector(ImageAnalyzer):
         self._min_face_fraction = min_face_fraction  # of the shorter side: smaller hits are mostly noise
         self._lock = threading.Lock()
 
-    def analyze(self, img: LoadedImage) -> list[Observation]:
+    def analyze(self, img: LoadedImage, question: str = "") -> list[Observation]:
         cv2 = self._cv2
         grey = np.asarray(downscaled(img.image, self._max_side).convert("L"))
         side = max(20, round(min(grey.shape) * self._min_face_fraction))

@@ -25,7 +25,7 @@ class ImageFacts(ImageAnalyzer):
 
     name = "facts"
 
-    def analyze(self, img: LoadedImage) -> list[Observation]:
+    def analyze(self, img: LoadedImage, question: str = "") -> list[Observation]:
         thumb = downscaled(img.image, 256)
         parts = [f"{_size_words(img.width, img.height)} {_orientation(img.width, img.height)} {_kind(img.image)}"]
         if img.frames > 1:

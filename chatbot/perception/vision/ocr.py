@@ -46,6 +46,9 @@ class TextReader(ImageAnalyzer):
     def __init__(self, *, max_side: int = 1600, min_score: float = 0.6, max_chars: int = 600) -> None:
         from rapidocr_onnxruntime import RapidOCR
 
+        from chatbot.perception.onnx import onnxruntime
+
+        onnxruntime()  # telemetry off before RapidOCR creates its sessions
         self._engine = RapidOCR()
         self._max_side = max_side
         self._min_score = min_score  # below this RapidOCR mostly "reads" texture as random letters
@@ -70,7 +73,7 @@ class TextReader(ImageAnalyzer):
         letters = sum(ch.isalnum() for ch in text)
         return letters > 0 and score >= (self._min_score if letters >= 3 else max(self._min_score, 0.9))
 
-    def analyze(self, img: LoadedImage) -> list[Observation]:
+    def analyze(self, img: LoadedImage, question: str = "") -> list[Observation]:
         lines = self.read_lines(img)
         if not lines:
             return []

@@ -11,7 +11,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 
 # Deterministic, short replies keep end-to-end tests quick and repeatable.
 TEST_ARGS = ["--temperature", "0", "--max-new-tokens", "48"]
@@ -25,18 +25,23 @@ def free_port() -> int:
 
 class AppServer:
     def __init__(self, data_dir: Path, *extra_args: str, settings: tuple[str, ...] = tuple(TEST_ARGS),
-                 startup_timeout: float = 600):
+                 startup_timeout: float = 600, plugins: tuple[str, ...] = (), env: dict[str, str] | None = None):
+        """`plugins`: modules imported before the app starts (e.g. one that registers a test backend)."""
         self.data_dir = data_dir
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}/"
-        self.args = [sys.executable, str(ROOT / "app.py"), "--port", str(self.port), "--data-dir", str(data_dir),
+        start = [sys.executable, str(ROOT / "app.py")]
+        if plugins:
+            start = [sys.executable, "-c", f"import sys, app, {', '.join(plugins)}; sys.exit(app.main(sys.argv[1:]))"]
+        self.env = env or {}
+        self.args = [*start, "--port", str(self.port), "--data-dir", str(data_dir),
                      *settings, *extra_args]
         self.timeout = startup_timeout
         self.log_path = data_dir / "server.log"
         self.process: subprocess.Popen | None = None
 
     def start(self) -> AppServer:
-        env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "PYTHONUNBUFFERED": "1", **self.env}
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.log = open(self.log_path, "ab")
         self.process = subprocess.Popen(self.args, cwd=ROOT, env=env, stdout=self.log, stderr=subprocess.STDOUT)

@@ -1,0 +1,221 @@
+"""The tracked dialogue state: what the user has told the bot, kept beside the turn history.
+
+Small models lose a fact said in passing twenty turns ago, even when it is still in the prompt,
+and answer "my name is Ana" when asked "what is my name?". So every user turn updates a compact
+record, rendered next to the newest message each turn:
+- facts the user stated about themselves and their world ("my daughter's name is Matilda and
+  she is seven"), rewritten to address the user ("Your daughter's name is Matilda ..."); a later
+  statement about the same thing ("my name is ...") replaces the earlier one;
+- every photo and recording with what its notes say, retrievable by label ("Photo 2", "the
+  second photo", "my recording") and by content ("the sign");
+- the earlier messages that no longer fit the prompt, the ones most relevant to the newest
+  message first (`Relevance`, e.g. a sentence embedder; word overlap without one).
+
+Nothing here is stored: the state is derived from the turns, so saved conversations need no
+new fields. Torch-free: the relevance scorer is passed in.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+class Relevance(Protocol):
+    """Scores each candidate text's relevance to a query, one float per candidate (higher: more)."""
+
+    threshold: float  # below it a candidate is unrelated (unrelated old chatter only costs prompt time)
+
+    def __call__(self, query: str, candidates: Sequence[str]) -> list[float]: ...
+
+
+@dataclass(frozen=True)
+class Fact:
+    key: str  # what it is about ("name", "daughter's name"); a newer fact with the same key replaces it
+    text: str  # addressed to the user: "Your name is Ana."
+    turn: int
+
+
+@dataclass(frozen=True)
+class Item:
+    """A photo or recording the user sent, and what its notes say."""
+
+    label: str  # "Photo 1"
+    names: tuple[str, ...]  # other ways a user refers to it: "first photo", "recording"
+    note: str  # the notes, as one line
+    turn: int
+
+
+@dataclass(frozen=True)
+class Said:
+    """A user message that was condensed out of the prompt."""
+
+    text: str
+    turn: int
+
+
+@dataclass
+class TrackedState:
+    facts: list[Fact] = field(default_factory=list)
+    items: list[Item] = field(default_factory=list)
+
+    def update(self, turn: int, text: str, items: Sequence[Item] = ()) -> None:
+        """Take in one user turn: its stated facts and its attachments."""
+        for fact in facts_in(text, turn):
+            self.facts = [f for f in self.facts if f.key != fact.key] + [fact]
+        self.items += list(items)
+
+    def render(self, query: str, dropped: Sequence[Said], count_tokens: Callable[[str], int], room: int,
+               relevance: Relevance | None = None) -> str:
+        """The state as a bracketed note for the newest message, within `room` tokens.
+
+        Facts and attachments come first (all of them when they fit, else the most relevant);
+        the rest of the room goes to the condensed-out messages most relevant to `query`.
+        """
+        score = relevance or WordOverlap()
+        sections: list[tuple[str, list[str]]] = []
+        if self.facts:
+            sections.append(("What the user told you earlier (in your words to them):",
+                             [f.text for f in self.facts]))
+        if self.items:
+            wanted = {i for i, item in enumerate(self.items) if mentions(query, item)}
+            sections.append(("Photos and recordings the user sent (from their notes):",
+                             [_item_line(item, full=i in wanted) for i, item in enumerate(self.items)]))
+        lines = _fit(sections, query, score, count_tokens, room)
+        candidates = [d for d in dropped if d.text.strip()]
+        if candidates:
+            scores = score(query, [d.text for d in candidates])
+            ranked = sorted(zip(scores, candidates, strict=True), key=lambda p: -p[0])
+            recalled = ["Earlier messages related to this one (most related first):"]
+            for _, said in [p for p in ranked if p[0] >= score.threshold][:MAX_RECALLED]:
+                line = f'- The user said: "{_shorten(said.text, 160)}"'
+                if count_tokens(_wrap(lines + recalled + [line])) > room:
+                    break
+                recalled.append(line)
+            lines += recalled if len(recalled) > 1 else []
+        return _wrap(lines) if lines else ""
+
+
+# Condensed-out messages recalled per turn: each costs prompt time at every turn.
+MAX_RECALLED = 2
+
+
+def _wrap(lines: list[str]) -> str:
+    return "[Notes for you (not written by the user):\n" + "\n".join(lines) + "]"
+
+
+def _fit(sections: list[tuple[str, list[str]]], query: str, score: Relevance,
+         count_tokens: Callable[[str], int], room: int) -> list[str]:
+    """All sections' lines if they fit in `room`, else each section's most relevant lines (in their order)."""
+    lines = [line for header, body in sections for line in [header] + [f"- {b}" for b in body]]
+    if not lines or count_tokens(_wrap(lines)) <= room:
+        return lines
+    ranked = []  # (score, section index, line index)
+    for s, (_, body) in enumerate(sections):
+        ranked += [(v, s, i) for i, v in enumerate(score(query, body))]
+    keep: set[tuple[int, int]] = set()
+    for _, s, i in sorted(ranked, key=lambda r: -r[0]):
+        trial = keep | {(s, i)}
+        if count_tokens(_wrap(_lines(sections, trial))) <= room:
+            keep = trial
+    return _lines(sections, keep)
+
+
+def _lines(sections: list[tuple[str, list[str]]], keep: set[tuple[int, int]]) -> list[str]:
+    out = []
+    for s, (header, body) in enumerate(sections):
+        kept = [f"- {b}" for i, b in enumerate(body) if (s, i) in keep]
+        out += [header] + kept if kept else []
+    return out
+
+
+def _item_line(item: Item, full: bool) -> str:
+    return f"{item.label} ({item.names[0]}): {item.note if full else _shorten(item.note, 200)}"
+
+
+# -- facts ------------------------------------------------------------------------------------------
+_FIRST_PERSON = re.compile(r"\b(i|my|me|mine|our|ours|we|us|myself)\b", re.I)
+# Sentences that ask or instruct rather than tell.
+_REQUEST = re.compile(r"^\s*(please|can|could|would|will|should|shall|do|does|did|is|are|was|were|what|how|why|"
+                      r"where|when|who|whom|which|tell|give|help|show|look|see|check|let|suggest|recommend|"
+                      r"write|explain|describe|translate|list|reply|answer|make|find|name|remind|hi|hello|hey|"
+                      r"thanks|thank)\b", re.I)
+_SWAPS = {"i": "you", "i'm": "you're", "i've": "you've", "i'd": "you'd", "i'll": "you'll", "my": "your",
+          "me": "you", "mine": "yours", "our": "your", "ours": "yours", "we": "you", "we're": "you're",
+          "us": "you", "myself": "yourself", "am": "are", "was": "were"}
+_KEY = re.compile(r"\b(?:my|our)\s+((?:[\w'-]+\s+){0,3}?[\w'-]+)\s+(?:is|are|was|were)\b", re.I)
+
+
+def facts_in(text: str, turn: int) -> list[Fact]:
+    """Statements about the user or their world in `text`, addressed back to the user."""
+    facts = []
+    for sentence in _sentences(text):
+        words = sentence.split()
+        if len(words) < 3 or not _FIRST_PERSON.search(sentence) or _REQUEST.match(sentence):
+            continue
+        key_match = _KEY.search(sentence)
+        key = key_match.group(1).lower() if key_match else " ".join(w.lower() for w in words)
+        facts.append(Fact(key, _second_person(sentence), turn))
+    return facts
+
+
+def _sentences(text: str) -> list[str]:
+    """Statements only: sentences ending in "?" are questions; ";", ":" and newlines also end one."""
+    parts = re.findall(r"[^.!?;:\n]+[.!?;:\n]?", text)
+    return [p.strip(" ;:\n") for p in parts if p.strip() and not p.rstrip().endswith("?")]
+
+
+def _second_person(sentence: str) -> str:
+    def swap(match: re.Match) -> str:
+        return _SWAPS[match.group(0).lower()]  # the sentence's first letter is capitalised below
+
+    # "am"/"was" only change after "I" ("I am" -> "you are"; "the bus was late" stays).
+    text = re.sub(r"\bI (am|was)\b", lambda m: "you " + _SWAPS[m.group(1)], sentence)
+    text = re.sub(r"\b(i'm|i've|i'd|i'll|i|myself|mine|my|me|ours|our|we're|we|us)\b", swap, text.replace("’", "'"),
+                  flags=re.I)
+    text = text.rstrip(".!")
+    return text[:1].upper() + text[1:] + "."
+
+
+# -- attachments ------------------------------------------------------------------------------------
+def mentions(query: str, item: Item) -> bool:
+    """Whether `query` names this item: its label, another name for it, or a word its notes hold."""
+    q = query.lower()
+    if any(name.lower() in q for name in (item.label, *item.names)):
+        return True
+    note_words = {w for w in re.findall(r"[a-z]{4,}", item.note.lower())} - _COMMON
+    return bool(note_words & set(re.findall(r"[a-z]{4,}", q)))
+
+
+_COMMON = {"photo", "image", "text", "read", "from", "with", "that", "this", "what", "there", "about",
+           "voice", "message", "recording", "said", "user", "their", "colours", "colors", "size", "pixels",
+           "brightness", "bright", "dark", "detected", "language", "english", "speech"}
+
+
+# -- relevance without an embedder ----------------------------------------------------------------
+class WordOverlap:
+    """The share of the query's content words each candidate holds (the fallback for an embedder)."""
+
+    threshold = 0.2
+
+    def __call__(self, query: str, candidates: Sequence[str]) -> list[float]:
+        words = _content_words(query)
+        if not words:
+            return [0.0] * len(candidates)
+        return [len(words & _content_words(c)) / len(words) for c in candidates]
+
+
+_STOP = set("the a an and or but of to in on at for with is are was were be been it this that what which who how "
+            "why when where do does did i you my your me we our us he she they them his her its can could would "
+            "should will please tell give about from as by so if not no yes".split())
+
+
+def _content_words(text: str) -> set[str]:
+    return {w for w in re.findall(r"[a-z0-9']+", text.lower()) if w not in _STOP}
+
+
+def _shorten(text: str, limit: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"

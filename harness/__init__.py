@@ -1,0 +1,1 @@
+"""What tests and benchmarks share: the real app run as a server process, and pictures with known text."""

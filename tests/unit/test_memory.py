@@ -1,0 +1,131 @@
+"""The tracked dialogue state and the relevance-ranked recall of condensed-out messages."""
+
+import pytest
+
+from chatbot.conversation.relevance import MiniLMRelevance
+from chatbot.conversation.service import ChatService
+from chatbot.conversation.store import ConversationStore
+from chatbot.generation.transformers_backend import GenerationSettings, load_generator
+from chatbot.memory import Said, TrackedState, WordOverlap, facts_in
+from chatbot.perception.encoder import MultimodalEncoder
+from chatbot.state import Attachment, AttachmentKind, Conversation, Observation, Role, Turn
+from tests.unit.test_state import photo_turn, words
+
+FILLER = ["How do I clean a cast iron pan?", "Suggest a quick vegetarian dinner.", "How can I fall asleep faster?",
+          "Recommend a board game for a family evening.", "What is a good stretch after a long day?",
+          "How do I keep basil alive on a windowsill?", "Give me a two-line poem about autumn."]
+
+
+def test_facts_stated_in_passing_are_kept_addressed_to_the_user():
+    facts = facts_in("Hi! My name is Ana, I work as a nurse and I'm busy. My daughter's name is Matilda and she is "
+                     "seven; what should she eat before her play? Can you help me?", 0)
+    assert [f.text for f in facts] == ["Your name is Ana, you work as a nurse and you're busy.",
+                                       "Your daughter's name is Matilda and she is seven."]
+    assert facts_in("What is my name?", 1) == []  # a question tells nothing
+    assert facts_in("Tell me a tip about my cat.", 1) == []  # nor does a request
+    assert facts_in("Paris is big.", 1) == []  # nothing about the user
+
+
+def test_a_newer_statement_about_the_same_thing_replaces_the_older():
+    state = TrackedState()
+    state.update(0, "My name is Ana. My dog is called Biscuit.")
+    state.update(2, "Sorry, my name is actually Anna.")
+    assert [f.text for f in state.facts] == ["Your dog is called Biscuit.", "Sorry, your name is actually Anna."]
+
+
+def test_the_state_is_derived_from_the_turns_so_a_stored_conversation_has_it():
+    conv = Conversation()
+    conv.add_user_turn(Turn(role=Role.USER, text="My daughter's name is Matilda and she is seven."))
+    conv.add_assistant_turn("Lovely!")
+    conv.add_user_turn(photo_turn("Look at this sign.", "aa", "HARBOR ROAD Lisbon 12 km"))
+    again = Conversation.from_json(conv.to_json())
+    assert again.tracked() == conv.tracked()
+    assert [i.label for i in again.tracked().items] == ["Photo 1"]
+    assert "HARBOR ROAD" in again.tracked().items[0].note
+
+
+def long_chat(first: Turn, n: int = 20) -> Conversation:
+    conv = Conversation()
+    conv.add_user_turn(first)
+    conv.add_assistant_turn("Noted, thank you for telling me.")
+    for i in range(n):
+        conv.add_user_turn(Turn(role=Role.USER, text=FILLER[i % len(FILLER)]))
+        conv.add_assistant_turn("Here is a short answer with a few words of advice for you. " * 2)
+    return conv
+
+
+def test_the_state_is_rendered_in_the_newest_message_and_the_history_before_it_stays_the_same():
+    conv = long_chat(Turn(role=Role.USER, text="My daughter's name is Matilda and she is seven."), n=2)
+    conv.add_user_turn(Turn(role=Role.USER, text="What is my daughter's name?"))
+    first = conv.render(words, 2000)
+    assert first[-1].content.startswith("[Notes for you")
+    assert "Your daughter's name is Matilda and she is seven." in first[-1].content
+    assert first[-1].content.endswith("What is my daughter's name?")
+    assert all("Your daughter" not in m.content for m in first[:-1])
+    conv.add_assistant_turn("Matilda.")
+    conv.add_user_turn(Turn(role=Role.USER, text="And how old is she?"))
+    second = conv.render(words, 2000)
+    # Everything up to the previous question is unchanged: the decoder reuses its cache for it.
+    assert second[:len(first) - 1] == first[:-1]
+
+
+def test_photo_notes_stay_retrievable_by_label_and_by_content():
+    conv = Conversation()
+    conv.add_user_turn(photo_turn("", "aa", "HARBOR ROAD Lisbon 12 km " + "small print " * 40))
+    conv.add_user_turn(photo_turn("", "bb", "OPEN 9 to 5 " + "opening hours " * 40))
+    for query, full in [("What did the sign to Lisbon say?", "aa"), ("What was in my second photo?", "bb"),
+                        ("What does Photo 1 say?", "aa")]:
+        asked = Conversation.from_dict(conv.to_dict())
+        asked.add_user_turn(Turn(role=Role.USER, text=query))
+        note = asked.render(words, 4000)[-1].content
+        lines = {line.split(":", 1)[0]: line.rstrip("]") for line in note.splitlines() if line.startswith("- Photo")}
+        assert not lines[f"- Photo {1 if full == 'aa' else 2} ({'first' if full == 'aa' else 'second'} photo)"] \
+            .endswith("…")  # the one asked about is in full
+        assert lines[f"- Photo {2 if full == 'aa' else 1} ({'second' if full == 'aa' else 'first'} photo)"] \
+            .endswith("…")  # the other one is shortened
+
+
+def test_a_recording_is_tracked_with_what_was_said():
+    audio = Attachment(kind=AttachmentKind.AUDIO, path="/media/cc.wav", sha256="cc")
+    turn = Turn(role=Role.USER, attachments=[audio], observations=[
+        Observation(kind="transcript", text="The elephant and the giraffe drink from the river.", attachment="cc")])
+    conv = Conversation()
+    conv.add_user_turn(turn)
+    item = conv.tracked().items[0]
+    assert item.label == "Recording 1" and "giraffe" in item.note and "first recording" in item.names
+
+
+@pytest.mark.parametrize("relevance", [WordOverlap(), "minilm"])
+def test_condensed_out_messages_are_recalled_by_relevance_not_recency(relevance):
+    if relevance == "minilm":
+        relevance = MiniLMRelevance()
+    conv = long_chat(Turn(role=Role.USER, text="Can you suggest a gift for Matilda, my daughter who loves horses?"))
+    conv.add_user_turn(Turn(role=Role.USER, text="Which gift ideas did we discuss for my daughter?"))
+    messages = conv.render(words, 300, relevance)
+    assert "Matilda" not in "".join(m.content for m in messages[1:-1])  # the first turn was condensed out
+    note = messages[-1].content
+    recalled = note[note.index("Earlier messages related"):].splitlines()[1:]
+    assert "Matilda" in recalled[0]  # the oldest message, recalled first because it is the relevant one
+
+
+def test_unrelated_condensed_out_messages_are_not_recalled():
+    state = TrackedState()
+    note = state.render("What time is it in Tokyo?", [Said(t, i) for i, t in enumerate(FILLER)], words, 500,
+                        MiniLMRelevance())
+    assert note == ""
+
+
+def test_the_service_answers_from_the_tracked_state_with_a_tiny_model(tiny_causal_dir, tmp_path):
+    generator = load_generator(str(tiny_causal_dir), max_context=1200)
+    store = ConversationStore(tmp_path / "data")
+    service = ChatService(MultimodalEncoder(store.media_dir), generator, store, GenerationSettings(8, temperature=0),
+                          system_prompt="You are helpful.", relevance=WordOverlap())
+    conv = service.new_conversation()
+    list(service.respond("key:ana", conv, "My daughter's name is Matilda and she is seven."))
+    for text in FILLER * 5:
+        list(service.respond("key:ana", conv, text))
+    conv.add_user_turn(Turn(role=Role.USER, text="What is my daughter's name?"))
+    prompt = service.prompt(conv)
+    assert sum(generator.count_tokens(m.content) for m in prompt) <= generator.prompt_budget(service.settings)
+    assert "Matilda" not in "".join(m.content for m in prompt[:-1])  # condensed out of the history...
+    assert "Your daughter's name is Matilda and she is seven." in prompt[-1].content  # ...but tracked

@@ -1,0 +1,188 @@
+"""The page's handlers called as Gradio calls them (no server), over a real service on each backend:
+the tiny transformers model and the canned generator (whose replies stream many readable pieces)."""
+
+import json
+import time
+from pathlib import Path
+
+import gradio as gr
+import pytest
+
+from chatbot.config import Config
+from chatbot.conversation.owners import ChatSession
+from chatbot.conversation.service import ChatService
+from chatbot.conversation.store import ConversationStore
+from chatbot.generation.base import GenerationSettings, load_generator
+from chatbot.perception.encoder import MultimodalEncoder
+from chatbot.web.page import FINISHED, ChatPage, chat_messages
+from tests.support import canned  # also registers the `canned` backend
+
+API = {"chat", "continue", "stop", "retry", "undo", "edit", "clear", "new_chat", "conversations", "open", "rename", "delete",
+       "export", "import", "use_key"}
+TAB = gr.Request(username=None, session_hash="tab-1")
+OTHER_TAB = gr.Request(username=None, session_hash="tab-2")
+
+
+@pytest.fixture(scope="module", params=["transformers", "canned"])
+def generator(request, tiny_causal_dir):
+    gen = load_generator(Config(text_backend=request.param, text_model=str(tiny_causal_dir), quantize="none"))
+    if request.param == "transformers":
+        gen.model.generation_config.suppress_tokens = gen.tokenizer.all_special_ids  # replies run to the limit
+    return gen
+
+
+def make_page(generator, tmp_path):
+    store = ConversationStore(tmp_path / "data")
+    service = ChatService(MultimodalEncoder(store.media_dir), generator, store,
+                          GenerationSettings(max_new_tokens=12, temperature=0))
+    return ChatPage(service, "s" * 32)
+
+
+@pytest.fixture
+def page(generator, tmp_path):
+    return make_page(generator, tmp_path)
+
+
+def send(page, session, text, request=TAB):
+    """One turn through the `/chat` handler; every update it streamed, and the session it ends in."""
+    updates = list(page.respond({"text": text, "files": []}, session, request))
+    return [u[0] for u in updates], updates[-1][2]
+
+
+def words(message: dict) -> str:
+    content = message["content"]
+    return content if isinstance(content, str) else " ".join(p for p in content if isinstance(p, str))
+
+
+def test_every_api_endpoint_is_named():
+    class Idle:  # build() only needs these two from a service
+        def end_session(self, session): ...
+        def conversations(self, owner): return []
+
+    demo = ChatPage(Idle(), "s" * 32).build()
+    assert API <= {f.api_name for f in demo.fns.values()}
+
+
+def test_a_turn_streams_copies_then_ends_with_what_is_stored(tmp_path):
+    page = make_page(canned.CannedGenerator(), tmp_path)
+    chats, session = send(page, ChatSession(), "hello what is the name of my cat")
+    assert [m["role"] for m in chats[0]] == ["user"]  # the question shows before the reply starts
+    assert len(chats) > 3 and all(len(c) == 2 for c in chats[1:])
+    replies = [words(c[1]) for c in chats[1:]]
+    assert all(b.startswith(a) for a, b in zip(replies, replies[1:]))  # the reply only grows
+    assert chats[1] is not chats[2] and chats[1][0] is chats[2][0]  # one copy of the history, new lists
+    assert words(chats[1][1]) != words(chats[-1][1])  # an early update is not changed by later tokens
+    stored = page.service.open(session.owner, session.conversation_id)
+    assert chats[-1] == chat_messages(stored)
+
+
+def test_the_box_is_locked_while_replying_and_freed_at_the_end(page):
+    updates = list(page.respond({"text": "hello cat", "files": []}, ChatSession(), TAB))
+    assert all(u[1].interactive is False for u in updates[:-1])
+    assert updates[-1][1].interactive is True
+
+
+def test_retry_edit_undo_clear(page):
+    _, session = send(page, ChatSession(), "hello cat")
+    _, session = send(page, session, "tell me about the dog")
+    chat = list(page.regenerate(session, TAB))[-1][0]
+    assert [m["role"] for m in chat] == ["user", "assistant"] * 2
+    chat = list(page.edit(2, "tell me about the weather", session, TAB))[-1][0]
+    assert words(chat[2]) == "tell me about the weather" and len(chat) == 4
+    with pytest.raises(gr.Error, match="no such message"):
+        list(page.edit(9, "nope", session, TAB))
+    chat, session = page.undo(session, TAB)
+    assert [words(m) for m in chat if m["role"] == "user"] == ["hello cat"]
+    chat, box, session = page.clear(session, TAB)
+    assert chat == [] and page.list_conversations(session, TAB) == []
+
+
+def test_conversations_open_rename_delete_and_stay_private(page):
+    _, first = send(page, ChatSession(), "hello cat")
+    chat, _, fresh = page.new_chat(first, TAB)
+    assert chat == [] and fresh.conversation_id is None
+    _, second = send(page, fresh, "about the weather")
+    assert [c["title"] for c in page.list_conversations(second, TAB)] == ["about the weather", "hello cat"]
+    chat, opened = page.open_conversation(first.conversation_id, second, TAB)
+    assert words(chat[0]) == "hello cat" and opened.conversation_id == first.conversation_id
+    page.rename("My cat", opened, TAB)
+    radio, title = page.sidebar(opened, TAB)
+    assert title.value == "My cat" and radio.value == first.conversation_id
+    with pytest.raises(gr.Error, match="does not exist"):
+        page.open_conversation(first.conversation_id, ChatSession(), OTHER_TAB)
+    assert page.list_conversations(ChatSession(), OTHER_TAB) == []
+    with pytest.raises(gr.Error, match="nothing to delete"):
+        page.ask_delete(ChatSession(), TAB)
+    question, text = page.ask_delete(opened, TAB)
+    assert question.visible and "My cat" in text.value and len(page.list_conversations(opened, TAB)) == 2
+    chat, _, after = page.delete(opened, TAB)
+    assert chat == [] and after.conversation_id is None
+    assert [c["title"] for c in page.list_conversations(after, TAB)] == ["about the weather"]
+
+
+def test_export_then_import_under_another_key(page):
+    with pytest.raises(gr.Error, match="empty"):
+        page.export(ChatSession(), TAB)
+    _, session = send(page, ChatSession(), "hello cat")
+    shown = page.export(session, TAB)
+    path = shown.value["path"] if isinstance(shown.value, dict) else shown.value
+    assert shown.visible and Path(path).name == f"hello-cat-{time.strftime('%Y-%m-%d')}.json"
+    assert json.loads(open(path, encoding="utf-8").read())["conversation"]["title"] == "hello cat"
+    other, listed = page.use_key("another-long-owner-key", OTHER_TAB)
+    assert listed == []
+    chat, imported = page.import_conversation(path, other, OTHER_TAB)
+    assert words(chat[0]) == "hello cat" and imported.owner == other.owner
+    with pytest.raises(gr.Error, match="Choose"):
+        page.import_conversation(None, other, OTHER_TAB)
+
+
+def test_load_gives_a_browser_a_key_and_keeps_a_good_one(page):
+    session, key, radio = page.on_load(None, TAB)
+    assert len(key) >= 16 and session.owner.startswith("key:")
+    again, same_key, _ = page.on_load(key, TAB)
+    assert same_key == key and again.owner == session.owner
+
+
+def test_a_sent_message_shows_at_once_with_what_it_waits_for(page):
+    with pytest.raises(gr.Error, match="Type a message"):
+        page.accept({"text": "  ", "files": []}, ChatSession(), TAB)  # no empty conversations
+    assert page.list_conversations(ChatSession(), TAB) == []
+    chat, box, pending, status, _ = page.accept({"text": "hello cat", "files": []}, ChatSession(), TAB)
+    assert chat == [{"role": "user", "content": ["hello cat"]}] and box.interactive is False and box.stop_btn
+    assert pending["text"] == "hello cat" and "Thinking…" in status.value
+    stream = page.respond({"text": "tell me about the weather", "files": []}, ChatSession(), OTHER_TAB)
+    next(stream)
+    next(stream)  # another user's reply is being written
+    assert "Waiting for 1 other reply to finish…" in page.accept({"text": "hi", "files": []}, ChatSession(), TAB)[3].value
+    stream.close()
+
+
+def test_a_cut_reply_offers_continue_until_continued(page):
+    page.service.settings = GenerationSettings(max_new_tokens=4, temperature=0)
+    chats, session = send(page, ChatSession(), "tell me about the weather today")
+    assert "cut short" in words(chats[-1][-1])
+    _, _, status, continue_btn, _, _, box = page.after_reply(session, TAB)
+    assert continue_btn.visible and FINISHED in status.value and box.interactive
+    before = words(chats[-1][-1]).split("\n")[0]
+    updates = list(page.continue_reply(session, TAB))
+    assert all(len(u[0]) == 2 for u in updates)  # the reply grows in place; no new message
+    assert words(updates[-1][0][1]).startswith(before)
+    with pytest.raises(gr.Error, match="no unfinished reply"):
+        list(page.continue_reply(ChatSession(), TAB))
+
+
+def test_a_new_chat_can_be_named_before_its_first_message(page):
+    session = page.rename("  Weekend   plans ", ChatSession(), TAB)
+    assert page.list_conversations(session, TAB) == []  # still no empty conversation
+    assert page.sidebar(session, TAB)[1].value == "Weekend plans"
+    _, session = send(page, session, "hello cat")
+    assert [c["title"] for c in page.list_conversations(session, TAB)] == ["Weekend plans"]
+    with pytest.raises(gr.Error, match="needs a title"):
+        page.rename("   ", ChatSession(), TAB)
+
+
+def test_a_user_error_is_one_log_line_and_no_traceback(page, caplog):
+    with caplog.at_level("INFO", logger="chatbot.web.page"), pytest.raises(gr.Error) as raised:
+        page.accept({"text": "", "files": []}, ChatSession(), TAB)
+    assert not raised.value.print_exception
+    assert [r.getMessage() for r in caplog.records] == ["accept: Type a message, attach a photo or record your voice first."]
