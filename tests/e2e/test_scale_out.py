@@ -16,9 +16,9 @@ from gradio_client import Client
 
 from chatbot.conversation.store import ConversationStore
 from chatbot.weights import CHAT_MODELS
+from harness.server import AppServer, free_port
 from tests.support.drivers import api_send as send
 from tests.support.drivers import files_of, text_of
-from tests.support.server import AppServer, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 SIGN = ROOT / "assets" / "examples" / "sign.png"

@@ -39,3 +39,59 @@ def test_keys_name_owners_from_a_file_and_the_environment(tmp_path, monkeypatch)
     path.write_text("carol:short\n")
     with pytest.raises(UserFacingError):
         ApiKeys.load(path)
+
+
+# -- the openai backend against a real server: this app's /v1 on uvicorn, replies from the canned generator --
+@pytest.fixture
+def remote(tmp_path):
+    """A real HTTP server on a free local port serving the API; yields its /v1 root."""
+    import threading
+
+    import uvicorn
+    from fastapi import FastAPI
+
+    from chatbot.conversation.service import ChatService
+    from chatbot.conversation.store import ConversationStore
+    from chatbot.perception.encoder import MultimodalEncoder
+    from chatbot.web import security
+    from chatbot.web.openai_api import openai_router
+    from harness.server import free_port
+    from tests.support.canned import CannedGenerator
+
+    store = ConversationStore(tmp_path / "remote")
+    service = ChatService(MultimodalEncoder(store.media_dir), CannedGenerator(), store)
+    app = FastAPI(middleware=security.middleware())
+    app.include_router(openai_router(service, ApiKeys({})))
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        thread.join(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+
+
+def test_the_openai_backend_returns_why_the_server_ended_the_reply(remote):
+    from chatbot.generation.base import FinishReason, GenerationSettings
+    from chatbot.generation.openai_backend import OpenAIGenerator
+    from chatbot.state import Message, Role
+
+    generator = OpenAIGenerator(remote, "canned")
+    ask = [Message(Role.USER, "tell me a story")]
+
+    def run(tokens: int) -> tuple[str, FinishReason | None]:
+        pieces, stream = [], generator.stream(ask, GenerationSettings(max_new_tokens=tokens))
+        while True:
+            try:
+                pieces.append(next(stream))
+            except StopIteration as end:
+                return "".join(pieces), end.value
+
+    cut, why = run(2)  # the server reports finish_reason "length"
+    assert cut == "thanks for" and why is FinishReason.LENGTH
+    whole, why = run(50)
+    assert whole == "thanks for your message about tell me a story" and why is FinishReason.STOP
