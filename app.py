@@ -68,8 +68,15 @@ def build_service(config: Config):
                                   top_p=config.top_p, repetition_penalty=config.repetition_penalty)
     log.info("Loading the sentence embedder (relevance of earlier messages)...")
     relevance = MiniLMRelevance().load()
+    speaker = None
+    if config.voice != NO_MODEL:
+        from chatbot.voice.speaker import ReplySpeaker
+        from chatbot.voice.tts import load_voice
+
+        log.info("Loading the voice '%s'...", config.voice)
+        speaker = ReplySpeaker(load_voice(config.voice), store)
     service = ChatService(encoder, generator, store, settings, system_prompt=config.system_prompt,
-                          relevance=relevance)
+                          relevance=relevance, listener=speaker)
     # Every conversation starts with the system prompt: read it now (in the background), not in each first turn.
     generator.prefill(service.new_conversation().render(generator.count_tokens, generator.context_tokens)[:1])
     return service
@@ -102,14 +109,17 @@ def main(argv: list[str] | None = None) -> int:
     from chatbot.web import security
     from chatbot.web.openai_api import ApiKeys, openai_router
     from chatbot.web.page import ChatPage
+    from chatbot.web.voice import VoiceOptions
 
     try:
         keys = ApiKeys.load(config.api_keys_file)
     except (UserFacingError, OSError) as error:
         print(f"\nCannot start: {error}", file=sys.stderr)
         return 2
+    voice = None if service.listener is None else VoiceOptions(service.listener, service.encoder.recognizer,
+                                                               config.speak_replies)
     # The secret that encrypts each browser's owner key must outlive restarts, or browsers lose their lists.
-    page = ChatPage(service, persistent_secret(config.data_dir / "browser-secret"), config.concurrency)
+    page = ChatPage(service, persistent_secret(config.data_dir / "browser-secret"), config.concurrency, voice)
     demo = page.build()
     demo.queue(default_concurrency_limit=1)
     # One server: the OpenAI-compatible API at /v1 first, the page (mounted at /) takes everything else.

@@ -29,6 +29,8 @@ class Config:
     speech_model: str = "whisper-base"
     speech_language: str | None = None
     caption_model: str | None = None
+    voice: str = "hibari"
+    speak_replies: bool = False
     max_new_tokens: int = 256
     temperature: float = 0.0  # greedy: chosen on bench.quality (README)
     top_p: float = 0.9
@@ -142,6 +144,11 @@ def parse_args(argv: list[str] | None = None) -> Config:
     models.add_argument("--caption-model", default=d.caption_model,
                         help="optional image captioning model, a Hugging Face id / folder "
                              "(e.g. Salesforce/blip-image-captioning-base)")
+    models.add_argument("--voice", default=d.voice,
+                        help=f"voice for spoken replies and call mode: hibari (bundled), piper-joe (needs piper-tts, "
+                             f"GPL-3.0, installed separately) or '{NO_MODEL}'")
+    models.add_argument("--speak-replies", action="store_true", default=d.speak_replies,
+                        help="speak every reply aloud by default (each page has a speaker toggle)")
     gen = p.add_argument_group("generation")
     gen.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens,
                      help="longest reply in tokens; a reply cut there is marked and can be continued")

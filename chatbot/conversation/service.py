@@ -20,6 +20,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from chatbot import media
 from chatbot.conversation.owners import ChatSession
@@ -32,7 +33,7 @@ from chatbot.errors import UserFacingError
 from chatbot.generation.base import FinishReason, GenerationSettings, ReplyGenerator
 from chatbot.memory import Relevance
 from chatbot.perception.encoder import MultimodalEncoder
-from chatbot.state import DEFAULT_SYSTEM_PROMPT, Conversation, Message, Role, Turn
+from chatbot.state import DEFAULT_SYSTEM_PROMPT, Attachment, Conversation, Message, Role, Turn
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,16 @@ class Answer:
     replies: Iterator[str]
 
 
+class ReplyListener(Protocol):
+    """Follows each reply while it is written (the voice that speaks it); knows nothing of the model."""
+
+    def heard(self, owner: str, conv_id: str, reply: str) -> None:
+        """The reply so far (called after every piece)."""
+
+    def finished(self, owner: str, conv_id: str, reply: str, interrupted: bool) -> list[Attachment]:
+        """The reply is complete or stopped: media to keep with it (never shown to the model)."""
+
+
 # -- the service --------------------------------------------------------------------------
 @dataclass
 class ChatService:
@@ -82,6 +93,7 @@ class ChatService:
     settings: GenerationSettings = field(default_factory=GenerationSettings)
     system_prompt: str | None = None
     relevance: Relevance | None = None  # ranks condensed-out messages for the tracked state (word overlap if None)
+    listener: ReplyListener | None = None  # e.g. chatbot.voice.speaker.ReplySpeaker
 
     def __post_init__(self) -> None:
         self._running: dict[str, _RunningReply] = {}
@@ -190,7 +202,9 @@ class ChatService:
             conv = self.store.load(owner, conv_id)
         except ConversationNotFound:
             conv = Conversation(id=conv_id, system_prompt=system_prompt)
-        stored = [key(t.role, t.text, (a.sha256 for a in t.attachments)) for t in conv.turns if not t.notice]
+        # A reply's own media (its spoken audio) is not part of what a client sends back.
+        stored = [key(t.role, t.text, (a.sha256 for a in t.attachments) if t.role is Role.USER else ())
+                  for t in conv.turns if not t.notice]
         if conv.system_prompt != system_prompt or stored != incoming[:len(stored)]:
             conv, stored = Conversation(system_prompt=system_prompt), []  # the client changed its history
         for message in history[len(stored):]:
@@ -311,7 +325,9 @@ class ChatService:
                         reply, at_stop = cut_at, True
                         running.stop.set()  # ends the generation: the reply is complete
                         break
-                    yield before + _held_back(reply, settings.stop)
+                    shown = _held_back(reply, settings.stop)
+                    self._tell_listener("heard", owner, conv.id, shown)  # a stop string is never spoken
+                    yield before + shown
             finally:
                 pieces.close()  # also when our consumer went away: the backend frees the CPU at once
             finished = True
@@ -328,7 +344,8 @@ class ChatService:
                     del self._running[conv.id]
             interrupted = (running.stop.is_set() and not at_stop) or not finished
             cut = finish is FinishReason.LENGTH and not interrupted
-            self._record(owner, conv, before, reply, sorry if failed else None, interrupted, cut, continuing)
+            spoken = self._tell_listener("finished", owner, conv.id, reply.strip(), interrupted) or []
+            self._record(owner, conv, before, reply, sorry if failed else None, interrupted, cut, continuing, spoken)
         if failed or settings.stop:
             # The whole of it: an ending held back as a possible stop string, or what came before a failure.
             yield before + reply
@@ -339,7 +356,7 @@ class ChatService:
                 self.generator.prefill(ahead)
 
     def _record(self, owner: str, conv: Conversation, before: str, reply: str, failure: str | None,
-                interrupted: bool, cut: bool, continuing: Turn | None) -> None:
+                interrupted: bool, cut: bool, continuing: Turn | None, spoken: list[Attachment]) -> None:
         """Put the ended reply into `conv` and the store (unless the stored conversation moved on meanwhile).
 
         `failure`: the notice to add after the reply when generating it failed.
@@ -350,6 +367,7 @@ class ChatService:
                 position = len(conv.turns) - 1  # the continued reply is the last turn
                 if reply.strip():
                     continuing.text = (before + reply).strip()
+                    continuing.attachments.extend(spoken)
                     continuing.interrupted, continuing.cut = interrupted, cut
                 elif not (failed or interrupted):  # the model had nothing to add: the reply is complete
                     continuing.interrupted = continuing.cut = False
@@ -361,7 +379,7 @@ class ChatService:
             else:
                 position = len(conv.turns)
                 if reply.strip() or not failed:
-                    conv.add_assistant_turn(reply.strip(), interrupted=interrupted, cut=cut)
+                    conv.add_assistant_turn(reply.strip(), interrupted=interrupted, cut=cut, attachments=spoken)
                 if failed:
                     conv.turns.append(Turn(role=Role.ASSISTANT, text=failure, notice=True))
                 kept = self.store.append(owner, conv.id, position, conv.turns[position:])
@@ -369,6 +387,15 @@ class ChatService:
                 log.info("Conversation %s changed while replying; the reply was not kept", conv.id)
         except Exception:  # noqa: BLE001 - the reply is shown; its loss is logged
             log.exception("Saving the reply failed")
+
+    def _tell_listener(self, event: str, *args):
+        if self.listener is None:
+            return None
+        try:
+            return getattr(self.listener, event)(*args)
+        except Exception:  # noqa: BLE001 - a failing voice must not lose the reply
+            log.exception("The reply listener failed on %s", event)
+            return None
 
     def _save(self, owner: str, conv: Conversation) -> None:
         if conv.turns:

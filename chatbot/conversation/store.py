@@ -352,6 +352,17 @@ class ConversationStore:
             raise
         return conv
 
+    def keep_media(self, content: bytes) -> tuple[Path, str]:
+        """Store a file the app made (e.g. a spoken reply) in the media folder; its path and SHA-256."""
+        fmt = media.sniff_bytes(content)
+        if fmt is None:
+            raise ValueError("only photos and recordings are kept as media")
+        sha = media.sha256_bytes(content)
+        target = media.media_path(self.media_dir, sha, fmt)
+        if not target.exists():
+            media.write_bytes(target, content)
+        return target, sha
+
     def _import_content(self, owner: str, attachment: Attachment,
                         encoded: str | None) -> tuple[media.MediaFormat, bytes | Path]:
         """The detected format and the bytes (or the owner's existing file) of an imported attachment."""

@@ -138,9 +138,24 @@ class MultimodalEncoder:
         if not transcript.text.strip():
             raise UserFacingError("I couldn't make out any words in that recording. "
                                   "Please try again a little closer to the microphone.")
+        return self._transcript_notes(transcript)
+
+    def _transcript_notes(self, transcript) -> list[Observation]:
+        from chatbot.perception.speech import SURE_LANGUAGE
+
+        sure = "" if transcript.language_probability >= SURE_LANGUAGE else " (detection unsure)"
         return [Observation(kind=ObservationKind.TRANSCRIPT, text=transcript.text.strip(), source=self.recognizer.name),
-                Observation(kind=ObservationKind.LANGUAGE, text=f"spoken language: {transcript.language}",
+                Observation(kind=ObservationKind.LANGUAGE, text=f"spoken language: {transcript.language}{sure}",
                             source=self.recognizer.name)]
+
+    def remember_recording(self, path: str | Path, transcript) -> None:
+        """A recording already transcribed elsewhere (call mode, push-to-talk): sending it costs nothing more.
+
+        `transcript` is a `speech.Transcript` for exactly this file; the user may have corrected
+        its text before sending, which then counts as what they said.
+        """
+        if transcript.text.strip():
+            self._remember(media.sha256_file(Path(path)), AttachmentKind.AUDIO, self._transcript_notes(transcript))
 
     def _keep_copy(self, path: Path, sha: str, fmt: media.MediaFormat) -> Path:
         """Copy the upload into the media folder the app owns (uploads in temp dirs vanish)."""

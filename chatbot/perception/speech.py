@@ -21,6 +21,7 @@ from chatbot.perception.audio import SAMPLE_RATE, AudioClip
 log = logging.getLogger(__name__)
 
 DEFAULT_SPEECH_MODEL = "whisper-base"
+SURE_LANGUAGE = 0.5  # below this language probability, a hint from the user's browser wins
 WHISPER_WINDOW_SECONDS = 30  # Whisper sees 30 s at a time; longer audio needs its long-form decoding
 
 
@@ -29,6 +30,9 @@ class Transcript:
     text: str  # "" when no speech was recognised
     language: str  # ISO code ("en"), or "" when the model cannot tell
     duration: float  # seconds of the original recording (AudioClip.duration)
+    language_probability: float = 1.0  # how sure the model is of `language` (1.0 when it was fixed)
+    no_speech_prob: float = 0.0  # the model's own belief that nothing was said (highest over segments)
+    avg_logprob: float = 0.0  # mean token log-probability: very low means guessed words
 
 
 class SpeechRecognizer(ABC):
@@ -37,7 +41,8 @@ class SpeechRecognizer(ABC):
     name: str
 
     @abstractmethod
-    def transcribe(self, clip: AudioClip) -> Transcript: ...
+    def transcribe(self, clip: AudioClip, language_hint: str | None = None) -> Transcript:
+        """`language_hint` (e.g. the browser's language) is used when detection is unsure."""
 
 
 @dataclass(frozen=True)
@@ -75,12 +80,24 @@ class FasterWhisperRecognizer(SpeechRecognizer):
         self.language = language  # None: detect per recording
         self._lock = threading.Lock()
 
-    def transcribe(self, clip: AudioClip) -> Transcript:
+    def transcribe(self, clip: AudioClip, language_hint: str | None = None) -> Transcript:
+        audio = clip.waveform.numpy()
         with self._lock:  # one decode at a time: parallel ones would only fight over the same few cores
-            segments, info = self.model.transcribe(clip.waveform.numpy(), language=self.language,
-                                                   **asdict(self.settings))
-            text = " ".join(s.text.strip() for s in segments)  # segments is lazy: decoding happens here
-        return Transcript(text=text.strip(), language=info.language, duration=clip.duration)
+            segments, info = self.model.transcribe(audio, language=self.language, **asdict(self.settings))
+            segments = list(segments)  # lazy: decoding happens here
+            language, probability = info.language, info.language_probability
+            hint = (language_hint or "").split("-")[0].lower()
+            if (self.language is None and probability < SURE_LANGUAGE and hint != language
+                    and hint in self.model.supported_languages):
+                # Unsure (a short or accented question): the browser's language is the better bet.
+                language = hint
+                segments = list(self.model.transcribe(audio, language=hint, **asdict(self.settings))[0])
+        text = " ".join(s.text.strip() for s in segments)
+        words = sum(len(s.tokens) for s in segments)
+        return Transcript(
+            text=text.strip(), language=language, duration=clip.duration, language_probability=probability,
+            no_speech_prob=max((s.no_speech_prob for s in segments), default=1.0),
+            avg_logprob=sum(s.avg_logprob * len(s.tokens) for s in segments) / words if words else -10.0)
 
 
 class TransformersRecognizer(SpeechRecognizer):
@@ -107,7 +124,7 @@ class TransformersRecognizer(SpeechRecognizer):
         # English-only Whisper checkpoints have no language tokens but only ever produce English.
         return {token.strip("<|>") for token in self._lang_to_id} if self._lang_to_id else {"en"}
 
-    def transcribe(self, clip: AudioClip) -> Transcript:
+    def transcribe(self, clip: AudioClip, language_hint: str | None = None) -> Transcript:
         import torch
 
         audio = clip.waveform.numpy()

@@ -39,6 +39,7 @@ from chatbot.conversation.service import ChatService, clean_title
 from chatbot.errors import UserFacingError
 from chatbot.state import AttachmentKind, Conversation, ObservationKind, Role, Turn
 from chatbot.web.security import Throttle
+from chatbot.web.voice import VoiceOptions, add_voice_controls
 
 log = logging.getLogger(__name__)
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
@@ -68,7 +69,7 @@ def _turn_content(turn: Turn) -> list:
     parts: list = []
     for attachment in turn.attachments:
         parts.append({"path": attachment.path, "alt_text": attachment.label})
-        if attachment.kind is AttachmentKind.AUDIO:
+        if attachment.kind is AttachmentKind.AUDIO and turn.role is Role.USER:
             spoken = " ".join(o.text for o in turn.notes_for(attachment) if o.kind is ObservationKind.TRANSCRIPT)
             parts.append(f"🎤 *{spoken}*" if spoken else "🎤 *(no words recognised)*")
     text = turn.text + ("\n\n*(stopped)*" if turn.interrupted else "")
@@ -192,13 +193,20 @@ class Controls:
 class ChatPage:
     """The chat page over one ChatService. Handlers are methods; `build()` returns the Gradio app."""
 
-    def __init__(self, service: ChatService, browser_secret: str, concurrency_limit: int = 1):
-        """`browser_secret` encrypts the owner key in browsers; keep it across restarts or lists are lost."""
+    def __init__(self, service: ChatService, browser_secret: str, concurrency_limit: int = 1,
+                 voice: VoiceOptions | None = None):
+        """`browser_secret` encrypts the owner key in browsers; keep it across restarts or lists are lost.
+
+        `voice`: spoken replies and call mode (chatbot.web.voice); None leaves them off the page.
+        """
         self.service = service
+        self.voice = voice
         self.browser_secret = browser_secret
         self.concurrency_limit = concurrency_limit
         self._exports = tempfile.TemporaryDirectory(prefix="chatbot-exports-")  # removed when the app exits
-        self._key_throttle = Throttle()  # owner keys are unguessable; still, make guessing slow
+        # Owner keys are unguessable; still, make guessing slow. Generous: one office behind one address opens
+        # many new browsers (each a new key with no conversations yet).
+        self._key_throttle = Throttle(free=20)
 
     # -- who and where -------------------------------------------------------------------
     @staticmethod
@@ -386,14 +394,15 @@ class ChatPage:
         return self.new_chat(session, request)
 
     @_shown_errors
-    def export(self, session: ChatSession, request: gr.Request) -> gr.File:
+    def export(self, session: ChatSession, request: gr.Request) -> str:
+        """The exported file's path (API clients get the file itself; the page then shows its link)."""
         owner, conv = self.opened(session, request)
         if not conv.turns:
             raise UserFacingError("This conversation is empty; there is nothing to export yet.")
         path = Path(self._exports.name) / conv.id / export_name(conv)
         path.parent.mkdir(exist_ok=True)
         path.write_text(self.service.export_json(owner, conv.id), encoding="utf-8")
-        return gr.File(value=str(path), visible=True)
+        return str(path)
 
     @_shown_errors
     def import_conversation(self, file: str | None, session: ChatSession, request: gr.Request):
@@ -463,6 +472,8 @@ class ChatPage:
             chatbot = self.chat_area()
             status, continue_btn = self.reply_controls()
             box = self.input_row()
+            if self.voice is not None:
+                add_voice_controls(self.service, self.voice, session, chatbot, box, self.owner_of, chat_messages)
             self.wire(demo, Controls(session=session, owner_key=owner_key, chatbot=chatbot, box=box, status=status,
                                      continue_btn=continue_btn, **panel))
         return demo
@@ -533,7 +544,8 @@ class ChatPage:
         c.confirm_no.click(lambda: gr.Column(visible=False), None, [c.confirm_row], api_visibility="private",
                            queue=False, show_progress="hidden")
         after(c.confirm_yes.click(self.delete, [session], turn_out, api_name="delete", **quick))
-        c.export_btn.click(self.export, [session], [c.export_file], api_name="export", **quick)
+        c.export_btn.click(self.export, [session], [c.export_file], api_name="export", **quick).success(
+            lambda: gr.File(visible=True), None, [c.export_file], api_visibility="private", queue=False)
         after(c.import_btn.upload(self.import_conversation, [c.import_btn, session], [chatbot, session],
                                   api_name="import", **quick))
 

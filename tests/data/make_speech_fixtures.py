@@ -23,6 +23,41 @@ FIXTURES = {
 }
 
 
+# Call-mode microphones: seconds of silence and sentences, in order (numbers are pauses).
+CALLS = {
+    # VAD unit tests: two questions with a pause shorter than a reply.
+    "call_two_questions.wav": [1.0, "What is the capital of France?", 2.5, "And how many people live there?", 8.0],
+    # Browser call test: each pause leaves room for the whole spoken reply; then silence only.
+    "call_browser.wav": [1.0, "What is the capital of France?", 25.0, "And how many people live there?", 35.0],
+    # Browser barge-in test: the second sentence comes while the first reply is still being spoken.
+    "call_barge_in.wav": [1.0, "Tell me a long story about a brave dragon and a little village.", 5.0,
+                          "Stop. What is the capital of Italy?", 30.0],
+}
+
+
+def make_call(parts: list, out: Path) -> Path:
+    with tempfile.TemporaryDirectory() as tmp:
+        pieces = []
+        for k, part in enumerate(parts):
+            piece = Path(tmp) / f"{k}.wav"
+            if isinstance(part, str):
+                synthesize(part, piece)
+            else:
+                subprocess.run(["sox", "-n", "-r", "16000", "-c", "1", "-b", "16", str(piece), "trim", "0",
+                                str(part)], check=True)
+            pieces.append(str(piece))
+        subprocess.run(["sox", "-D", *pieces, str(out)], check=True)
+    return out
+
+
+def make_noise(out: Path) -> Path:
+    """Room hiss with a short loud burst (a cough or a knock): no words, so no turn."""
+    subprocess.run(["sox", "-D", "-n", "-r", "16000", "-c", "1", "-b", "16", str(out), "synth", "3", "pinknoise",
+                    "vol", "0.02", ":", "synth", "0.15", "whitenoise", "vol", "0.5", ":", "synth", "2", "pinknoise",
+                    "vol", "0.02"], check=True)
+    return out
+
+
 def synthesize(text: str, out: Path) -> Path:
     """Speak `text` into `out` as 16 kHz mono 16-bit WAV."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -40,3 +75,7 @@ if __name__ == "__main__":
     for name, text in FIXTURES.items():
         path = synthesize(text, HERE / name)
         print(f"{path.name}: {path.stat().st_size / 1024:.0f} KB  {text!r}")
+    for name, parts in CALLS.items():
+        path = make_call(parts, HERE / name)
+        print(f"{path.name}: {path.stat().st_size / 1024:.0f} KB")
+    print(make_noise(HERE / "noise_and_cough.wav").name)

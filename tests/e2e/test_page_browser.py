@@ -156,8 +156,8 @@ def open_panel(page: Page) -> None:
         page.get_by_role("button", name="Toggle Sidebar").click()
 
 
-@pytest.mark.xfail(strict=True, reason="open bug: in the browser the name given to a new chat is not kept "
-                   "when its first message is sent (the handler-level test passes)")
+@pytest.mark.xfail(strict=False, reason="open bug, intermittent: in the browser the name given to a new chat is "
+                   "sometimes not kept when its first message is sent (the handler-level test passes)")
 def test_a_new_chat_can_be_renamed_before_its_first_message(tab: Page):
     open_panel(tab)
     tab.get_by_role("button", name="New chat").click()

@@ -1,0 +1,114 @@
+"""Call mode's ears on committed recordings: utterance ends (Silero VAD), the echo guard, Whisper's doubt."""
+
+import wave
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from chatbot.voice.listening import (
+    SAMPLE_RATE,
+    EchoGuard,
+    SileroVad,
+    UtteranceDetector,
+    heard_words,
+    split_utterances,
+    to_16k,
+)
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+
+
+def read_wav(name: str) -> np.ndarray:
+    with wave.open(str(DATA / name)) as f:
+        assert f.getframerate() == SAMPLE_RATE and f.getnchannels() == 1
+        return np.frombuffer(f.readframes(f.getnframes()), "<i2").astype(np.float32) / 32768
+
+
+@pytest.fixture(scope="module")
+def vad():
+    return SileroVad()
+
+
+def test_two_questions_with_a_pause_are_two_utterances(vad):
+    audio = read_wav("call_two_questions.wav")  # 1 s quiet, question, 2.5 s pause, question, 8 s silence
+    utterances = split_utterances(audio, vad=vad)
+    assert len(utterances) == 2
+    for utterance in utterances:
+        assert 1.5 < len(utterance) / SAMPLE_RATE < 3.5  # each question whole, without the long silence
+
+
+def test_noise_and_a_cough_are_no_utterance(vad):
+    assert split_utterances(read_wav("noise_and_cough.wav"), vad=vad) == []
+
+
+def test_chunk_size_does_not_change_the_result(vad):
+    audio = read_wav("call_two_questions.wav")
+    detector = UtteranceDetector(vad)
+    sizes = [160, 4000, 777, 16000]  # browsers deliver irregular chunks
+    found, i, k = [], 0, 0
+    while i < len(audio):
+        found += detector.feed(audio[i:i + sizes[k % len(sizes)]])
+        i += sizes[k % len(sizes)]
+        k += 1
+    assert len(found) == 2
+
+
+def test_barge_in_is_heard_while_the_question_is_still_going(vad):
+    audio = read_wav("capital_of_france.wav")
+    detector = UtteranceDetector(vad)
+    heard_at = next(i for i in range(0, len(audio), 1600) if detector.feed(audio[i:i + 1600]) == [] and
+                    detector.hearing_speech)
+    assert heard_at / SAMPLE_RATE < 1.0  # well before the question ends (about 2 s)
+
+
+def _bot_voice() -> tuple[np.ndarray, str]:
+    from chatbot.voice.tts import load_voice
+
+    voice = load_voice()
+    text = "The capital of France is Paris, a city on the river Seine."
+    return to_16k(voice.synthesize(text), voice.sample_rate), text
+
+
+def test_echo_guard_knows_the_bots_own_voice_in_the_microphone():
+    played, text = _bot_voice()
+    guard = EchoGuard()
+    guard.playing(played, text)
+    rng = np.random.default_rng(0)
+    # What a microphone picks up from a loudspeaker: later, quieter, with room noise.
+    delay = int(0.25 * SAMPLE_RATE)
+    echo = 0.3 * played[int(0.8 * SAMPLE_RATE): int(2.6 * SAMPLE_RATE)]
+    mic = np.concatenate([np.zeros(delay, np.float32), echo]) + rng.normal(0, 0.01, delay + len(echo)).astype(np.float32)
+    assert guard.sounds_like_bot(mic)
+    assert guard.repeats_bot("the capital of France is Paris")
+
+
+def test_echo_guard_lets_the_user_through():
+    played, text = _bot_voice()
+    guard = EchoGuard()
+    guard.playing(played, text)
+    user = read_wav("elephant_giraffe.wav")
+    assert not guard.sounds_like_bot(user)
+    assert not guard.repeats_bot("The elephant and the giraffe drink water from the river.")
+    assert not guard.is_echo(user, "Stop, what about Berlin?")
+
+
+def test_whispers_doubt_rejects_invented_text():
+    assert heard_words("What is the capital of France?", no_speech_prob=0.02, avg_logprob=-0.3)
+    assert not heard_words("Thank you.", no_speech_prob=0.85, avg_logprob=-0.4)  # silence "heard" as thanks
+    assert not heard_words("Ugh hm kh", no_speech_prob=0.3, avg_logprob=-1.6)  # a cough read as words
+    assert not heard_words("...", no_speech_prob=0.0, avg_logprob=-0.1)
+
+
+def test_microphone_chunks_are_resampled_without_seams():
+    from chatbot.voice.listening import StreamResampler
+
+    rate = 44_100  # not a multiple of 16 kHz: the output positions must carry their phase
+    t = np.arange(2 * rate) / rate
+    tone = (0.5 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+    resampler = StreamResampler(rate)
+    chunked = np.concatenate([resampler(tone[i:i + 3333]) for i in range(0, len(tone), 3333)])
+    whole = StreamResampler(rate)(tone)
+    assert abs(len(chunked) - 2 * SAMPLE_RATE) <= 1
+    assert np.allclose(chunked, whole, atol=1e-4)  # the same as one long chunk: no clicks
+    assert np.abs(np.diff(chunked[100:])).max() < 1.1 * 0.5 * 2 * np.pi * 440 / SAMPLE_RATE
