@@ -26,6 +26,7 @@ import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import gradio as gr
 
@@ -39,7 +40,9 @@ from chatbot.conversation.service import ChatService, clean_title
 from chatbot.errors import UserFacingError
 from chatbot.state import AttachmentKind, Conversation, ObservationKind, Role, Turn
 from chatbot.web.security import Throttle
-from chatbot.web.voice import VoiceOptions, add_voice_controls
+
+if TYPE_CHECKING:  # voice (call mode) needs torch; the page itself must load without it
+    from chatbot.web.voice import VoiceOptions
 
 log = logging.getLogger(__name__)
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
@@ -473,6 +476,8 @@ class ChatPage:
             status, continue_btn = self.reply_controls()
             box = self.input_row()
             if self.voice is not None:
+                from chatbot.web.voice import add_voice_controls
+
                 add_voice_controls(self.service, self.voice, session, chatbot, box, self.owner_of, chat_messages)
             self.wire(demo, Controls(session=session, owner_key=owner_key, chatbot=chatbot, box=box, status=status,
                                      continue_btn=continue_btn, **panel))

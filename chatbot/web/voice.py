@@ -12,14 +12,17 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import gradio as gr
 
 from chatbot.conversation.owners import ChatSession
 from chatbot.conversation.service import ChatService
-from chatbot.perception.speech import SpeechRecognizer
 from chatbot.voice.call import VoicePeer
 from chatbot.voice.speaker import ReplySpeaker
+
+if TYPE_CHECKING:  # the page must load without torch (speech imports it)
+    from chatbot.perception.speech import SpeechRecognizer
 
 POLL_SECONDS = 0.3  # how soon a finished sentence starts playing
 

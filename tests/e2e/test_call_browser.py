@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from playwright.sync_api import expect, sync_playwright
 
+from harness.server import AppServer
 from tests.conftest import CHROMIUM_FLAGS
-from tests.support.server import AppServer
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 PLAYED = """() => Array.from(document.querySelectorAll('#voice-player audio')).map(a => ({
