@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
 import tempfile
 
@@ -15,7 +16,11 @@ def configure_environment(config: Config) -> None:
     """Private files, no calls home: set before gradio/transformers are imported, which read these once."""
     os.umask(0o077)  # everything this process writes (database, media, uploads, exports) is the user's alone
     # Uploads and exports go to a private temp dir under the data dir (not a shared /tmp), emptied at start.
-    temp = media.private_dir(config.data_dir / "tmp", clean=True)
+    # App copies sharing one data dir (with --database) each empty only their own.
+    temp = config.data_dir / "tmp"
+    if config.database:
+        temp = temp / f"{socket.gethostname()}-{config.port}"
+    temp = media.private_dir(temp, clean=True)
     os.environ["GRADIO_TEMP_DIR"] = str(media.private_dir(temp / "gradio"))
     tempfile.tempdir = str(temp)
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
@@ -40,12 +45,15 @@ def build_service(config: Config):
         import torch
 
         torch.set_num_threads(config.threads)
-    store = ConversationStore(config.data_dir)  # first: a bad data dir fails before minutes of model loading
+    store = ConversationStore(config.data_dir, config.database)  # first: a bad data dir fails before minutes of model loading
     log = logging.getLogger("app")
     if removed := store.collect_garbage():
         log.info("Removed %d media file(s) no conversation refers to", removed)
-    log.info("Loading the text model '%s' (the first start prepares the bundled weights, about a minute)...",
-             config.text_model)
+    if config.text_backend == "openai":
+        log.info("Replies come from '%s' at %s", config.remote_model, config.base_url)
+    else:
+        log.info("Loading the text model '%s' (the first start prepares the bundled weights, about a minute)...",
+                 config.text_model)
     generator = load_generator(config)
     recognizer = None
     if config.speech_model != NO_MODEL:
@@ -93,24 +101,39 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nCannot start: {error}", file=sys.stderr)
         return 2
 
+    import gradio as gr
+    import uvicorn
+    from fastapi import FastAPI
+
     from chatbot.conversation.owners import persistent_secret
     from chatbot.web import security
+    from chatbot.web.openai_api import ApiKeys, openai_router
     from chatbot.web.page import ChatPage
     from chatbot.web.voice import VoiceOptions
 
+    try:
+        keys = ApiKeys.load(config.api_keys_file)
+    except (UserFacingError, OSError) as error:
+        print(f"\nCannot start: {error}", file=sys.stderr)
+        return 2
     voice = None if service.listener is None else VoiceOptions(service.listener, service.encoder.recognizer,
                                                                config.speak_replies)
     # The secret that encrypts each browser's owner key must outlive restarts, or browsers lose their lists.
     page = ChatPage(service, persistent_secret(config.data_dir / "browser-secret"), config.concurrency, voice)
     demo = page.build()
     demo.queue(default_concurrency_limit=1)
-    logging.getLogger("app").info("Serving the chat on http://%s:%d/ (Ctrl+C stops it)", config.host, config.port)
-    # Only the media folder is served (files named by their SHA-256); the database is not. quiet: Gradio's
-    # own banner suggests share=True, a public tunnel this offline app never opens. The hardening
-    # middleware wraps every route: safe file headers, no URL fetching, login throttling.
-    demo.launch(server_name=config.host, server_port=config.port, allowed_paths=[str(service.store.media_dir)],
-                auth=config.auth, show_error=False, quiet=True, max_file_size=int(config.max_upload_mb * 2**20),
-                app_kwargs={"middleware": security.middleware()}, **page.launch_options())
+    # One server: the OpenAI-compatible API at /v1 first, the page (mounted at /) takes everything else.
+    # The hardening middleware wraps every route of both: safe file headers, no URL fetching, login throttling.
+    app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None, middleware=security.middleware())
+    app.include_router(openai_router(service, keys, signed_in=bool(config.auth)))
+    # Only the media folder is served (files named by their SHA-256); the database is not. No Gradio
+    # banner here (it suggests share=True, a public tunnel this offline app never opens).
+    app = gr.mount_gradio_app(app, demo, path="/", server_name=config.host, server_port=config.port,
+                              allowed_paths=[str(service.store.media_dir)], auth=config.auth, show_error=False,
+                              max_file_size=int(config.max_upload_mb * 2**20), **page.launch_options())
+    logging.getLogger("app").info("Serving the chat on http://%s:%d/ and the OpenAI-compatible API at /v1 "
+                                  "(Ctrl+C stops it)", config.host, config.port)
+    uvicorn.run(app, host=config.host, port=config.port, log_level="warning")
     return 0
 
 

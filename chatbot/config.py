@@ -41,6 +41,11 @@ class Config:
     system_prompt: str | None = None
     auth: list[tuple[str, str]] | None = None
     concurrency: int = 1
+    database: str | None = None  # a postgresql:// URL; None: SQLite in the data directory
+    api_keys_file: Path | None = None
+    base_url: str | None = None  # of an OpenAI-compatible server (--text-backend openai)
+    api_key_file: Path | None = None
+    remote_model: str | None = None
     max_message_chars: int = Limits.max_message_chars
     max_files: int = Limits.max_files
     max_upload_mb: float = Limits.max_file_mb
@@ -102,6 +107,13 @@ def parse_args(argv: list[str] | None = None) -> Config:
                      help="sign-in users from a file of USER:PASSWORD lines (keep it readable by you only)")
     net.add_argument("--concurrency", type=int, default=d.concurrency,
                      help="replies generated at the same time; further requests wait in a queue and see their place")
+    net.add_argument("--database", default=d.database, metavar="postgresql://USER:PASSWORD@HOST/DB",
+                     help="keep conversations in PostgreSQL, shared by several app copies (which must then share "
+                          "--data-dir for the attachments); default: SQLite in --data-dir")
+    net.add_argument("--api-keys-file", type=Path, default=d.api_keys_file, metavar="FILE",
+                     help="API keys of the OpenAI-compatible API at /v1, one NAME:KEY a line (also "
+                          "$CHATBOT_API_KEYS, comma-separated); a key's owner is the signed-in user NAME. "
+                          "Without keys the API answers this machine only")
     caps = p.add_argument_group("limits of one message (each holds the model while it is read)")
     caps.add_argument("--max-message-chars", type=int, default=d.max_message_chars,
                       help="longer messages are refused; the model reads at most its context of a long one")
@@ -110,7 +122,14 @@ def parse_args(argv: list[str] | None = None) -> Config:
                       help="size of one uploaded file (the web server refuses larger uploads)")
     models = p.add_argument_group("models")
     models.add_argument("--text-backend", default=d.text_backend, choices=sorted(BACKENDS),
-                        help="what writes the replies: a model in this process (transformers)")
+                        help="what writes the replies: a model in this process (transformers) or an "
+                             "OpenAI-compatible server (openai: vLLM, TGI, Ollama, llama.cpp, another copy of this app)")
+    models.add_argument("--base-url", default=d.base_url, metavar="URL",
+                        help="with --text-backend openai: the server's API root, e.g. http://host:8000/v1")
+    models.add_argument("--api-key-file", type=Path, default=d.api_key_file, metavar="FILE",
+                        help="with --text-backend openai: a file holding the server's API key")
+    models.add_argument("--remote-model", default=d.remote_model, metavar="NAME",
+                        help="with --text-backend openai: the model name the server knows")
     models.add_argument("--text-model", default=d.text_model,
                         help="reply model: bundled " + ", ".join(weights.CHAT_MODELS)
                         + ", or a Hugging Face id / local folder (seq2seq like google/flan-t5-large, or a chat model)")
@@ -147,6 +166,10 @@ def parse_args(argv: list[str] | None = None) -> Config:
     args = p.parse_args(argv)
     if args.concurrency < 1:
         p.error("--concurrency must be at least 1")
+    if args.text_backend == "openai" and not (args.base_url and args.remote_model):
+        p.error("--text-backend openai needs --base-url and --remote-model")
+    if args.database and not args.database.startswith(("postgresql://", "postgres://")):
+        p.error("--database takes a postgresql:// URL (SQLite is the default, in --data-dir)")
     if min(args.max_message_chars, args.max_files, args.max_upload_mb) <= 0:
         p.error("--max-message-chars, --max-files and --max-upload-mb must be positive")
     caption = None if args.caption_model in (None, NO_MODEL) else args.caption_model

@@ -35,6 +35,35 @@ def tiny_causal_dir(tmp_path_factory):
     return build_tiny_causal(tmp_path_factory.mktemp("tiny-causal"))
 
 
+POSTGRES_URL_VARIABLE = "CHATBOT_TEST_POSTGRES_URL"
+
+
+@pytest.fixture
+def postgres_url():
+    """A URL of an empty PostgreSQL schema of its own (dropped afterwards), from $CHATBOT_TEST_POSTGRES_URL.
+
+    Without a server the test is skipped here, but fails in CI (`.ci/run` starts one).
+    """
+    base = os.environ.get(POSTGRES_URL_VARIABLE)
+    if not base:
+        message = f"no PostgreSQL server: set {POSTGRES_URL_VARIABLE} (.ci/run starts one)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    import uuid
+
+    import psycopg
+
+    schema = f"test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(base, autocommit=True) as admin:
+        admin.execute(f"CREATE SCHEMA {schema}")
+    try:
+        yield f"{base}{'&' if '?' in base else '?'}options=-csearch_path%3D{schema}"
+    finally:
+        with psycopg.connect(base, autocommit=True) as admin:
+            admin.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
 @pytest.fixture(scope="session")
 def app_server(tmp_path_factory):
     """The real app (bundled models) served on a free local port, shared by API and browser tests."""

@@ -13,12 +13,16 @@ marks it as an interrupted, empty reply, which the user can regenerate.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Protocol
 
+from chatbot import media
 from chatbot.conversation.owners import ChatSession
 from chatbot.conversation.store import (
     ConversationNotFound,
@@ -29,7 +33,7 @@ from chatbot.errors import UserFacingError
 from chatbot.generation.base import FinishReason, GenerationSettings, ReplyGenerator
 from chatbot.memory import Relevance
 from chatbot.perception.encoder import MultimodalEncoder
-from chatbot.state import Attachment, Conversation, Message, Role, Turn
+from chatbot.state import DEFAULT_SYSTEM_PROMPT, Attachment, Conversation, Message, Role, Turn
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +54,24 @@ def clean_title(title: str | None) -> str:
 class _RunningReply:
     owner: str
     stop: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass(frozen=True)
+class IncomingMessage:
+    """One message of a stateless client's request (the OpenAI protocol sends the whole history each time)."""
+
+    role: Role
+    text: str = ""
+    files: tuple[Path, ...] = ()
+
+
+@dataclass
+class Answer:
+    """A reply being generated for a stateless request: iterate `replies` for the reply so far."""
+
+    conversation: Conversation
+    prompt_tokens: int
+    replies: Iterator[str]
 
 
 class ReplyListener(Protocol):
@@ -143,6 +165,58 @@ class ChatService:
         yield ""
         yield from self._reply(owner, conv, settings or self.settings)
 
+    def answer(self, owner: str, messages: list[IncomingMessage],
+               settings: GenerationSettings | None = None) -> Answer:
+        """Answer the last user message of a whole history sent by a stateless client.
+
+        The history is mapped onto one stored conversation of the owner (its id comes
+        from the owner, system prompt and first message), so a client that sends its
+        history again each turn continues the same conversation: the turns already
+        stored, with what was observed in their attachments, are reused (nothing is
+        encoded twice); a history that no longer matches starts a new conversation.
+        Bad input raises UserFacingError before anything is stored.
+        """
+        if not messages or messages[-1].role is not Role.USER:
+            raise UserFacingError("The last message must be the user's.")
+        system = "\n\n".join(m.text for m in messages if m.role is Role.SYSTEM and m.text.strip())
+        dialogue = [m for m in messages if m.role is not Role.SYSTEM]
+        conv = self._thread(owner, system or self.system_prompt or DEFAULT_SYSTEM_PROMPT, dialogue[:-1],
+                            dialogue[0])
+        conv.add_user_turn(self.encoder.encode(dialogue[-1].text, list(dialogue[-1].files)))
+        self._save(owner, conv)
+        settings = settings or self.settings
+        prompt = self.prompt(conv, settings)
+        tokens = sum(self.generator.count_tokens(m.content) for m in prompt)
+        return Answer(conv, tokens, self._reply(owner, conv, settings))
+
+    def _thread(self, owner: str, system_prompt: str, history: list[IncomingMessage],
+                first: IncomingMessage) -> Conversation:
+        """The stored conversation `history` continues (extended by its new turns), or a new one."""
+        def key(role: Role, text: str, shas) -> tuple:
+            return role.value, text.strip(), tuple(shas)
+
+        incoming = [key(m.role, m.text, map(media.sha256_file, m.files)) for m in history]
+        seed = json.dumps([owner, system_prompt, key(first.role, first.text, map(media.sha256_file, first.files))])
+        conv_id = hashlib.sha256(seed.encode()).hexdigest()[:32]
+        try:
+            conv = self.store.load(owner, conv_id)
+        except ConversationNotFound:
+            conv = Conversation(id=conv_id, system_prompt=system_prompt)
+        # A reply's own media (its spoken audio) is not part of what a client sends back.
+        stored = [key(t.role, t.text, (a.sha256 for a in t.attachments) if t.role is Role.USER else ())
+                  for t in conv.turns if not t.notice]
+        if conv.system_prompt != system_prompt or stored != incoming[:len(stored)]:
+            conv, stored = Conversation(system_prompt=system_prompt), []  # the client changed its history
+        for message in history[len(stored):]:
+            if message.role is Role.USER:
+                conv.add_user_turn(self.encoder.encode(message.text, list(message.files)))
+            else:  # the encoder's cap on a message's length holds for the client's replies too
+                if len(message.text.strip()) > self.encoder.limits.max_message_chars:
+                    raise UserFacingError(f"A message is {len(message.text.strip()):,} characters long; messages "
+                                          f"can have at most {self.encoder.limits.max_message_chars:,}.")
+                conv.add_assistant_turn(message.text.strip())
+        return conv
+
     def regenerate(self, owner: str, conv: Conversation, settings: GenerationSettings | None = None) -> Iterator[str]:
         """Replace the reply to the last user turn with a new one (streamed like `respond`)."""
         last = self._last_user_turn(conv)
@@ -232,7 +306,8 @@ class ChatService:
             self._running[conv.id] = running
         before = continuing.text if continuing else ""
         reply = ""
-        failed = finished = False
+        failed = finished = at_stop = False
+        sorry = SORRY
         finish: FinishReason | None = None
         try:
             messages = self.prompt(conv, settings)
@@ -245,11 +320,20 @@ class ChatService:
                         finish = end.value
                         break
                     reply += piece
-                    self._tell_listener("heard", owner, conv.id, reply)
-                    yield before + reply
+                    cut_at = _cut_at_stop(reply, settings.stop)
+                    if cut_at is not None:
+                        reply, at_stop = cut_at, True
+                        running.stop.set()  # ends the generation: the reply is complete
+                        break
+                    shown = _held_back(reply, settings.stop)
+                    self._tell_listener("heard", owner, conv.id, shown)  # a stop string is never spoken
+                    yield before + shown
             finally:
                 pieces.close()  # also when our consumer went away: the backend frees the CPU at once
             finished = True
+        except UserFacingError as error:  # e.g. a remote reply server that cannot be reached
+            log.warning("Generating a reply failed: %s", error)
+            failed, sorry = True, str(error)
         except Exception:  # noqa: BLE001
             log.exception("Generating a reply failed")
             failed = True
@@ -258,21 +342,26 @@ class ChatService:
             with self._lock:
                 if self._running.get(conv.id) is running:
                     del self._running[conv.id]
-            interrupted = running.stop.is_set() or not finished
+            interrupted = (running.stop.is_set() and not at_stop) or not finished
             cut = finish is FinishReason.LENGTH and not interrupted
             spoken = self._tell_listener("finished", owner, conv.id, reply.strip(), interrupted) or []
-            self._record(owner, conv, before, reply, failed, interrupted, cut, continuing, spoken)
-        if failed:
+            self._record(owner, conv, before, reply, sorry if failed else None, interrupted, cut, continuing, spoken)
+        if failed or settings.stop:
+            # The whole of it: an ending held back as a possible stop string, or what came before a failure.
             yield before + reply
-        elif finished:
+        if finished:
             # While the user reads and types, read the window the next turns will move to (if near).
             ahead = conv.render_ahead(self.generator.count_tokens, self.generator.prompt_budget(settings))
             if ahead:
                 self.generator.prefill(ahead)
 
-    def _record(self, owner: str, conv: Conversation, before: str, reply: str, failed: bool, interrupted: bool,
-                cut: bool, continuing: Turn | None, spoken: list[Attachment]) -> None:
-        """Put the ended reply into `conv` and the store (unless the stored conversation moved on meanwhile)."""
+    def _record(self, owner: str, conv: Conversation, before: str, reply: str, failure: str | None,
+                interrupted: bool, cut: bool, continuing: Turn | None, spoken: list[Attachment]) -> None:
+        """Put the ended reply into `conv` and the store (unless the stored conversation moved on meanwhile).
+
+        `failure`: the notice to add after the reply when generating it failed.
+        """
+        failed = failure is not None
         try:
             if continuing is not None:
                 position = len(conv.turns) - 1  # the continued reply is the last turn
@@ -283,7 +372,7 @@ class ChatService:
                 elif not (failed or interrupted):  # the model had nothing to add: the reply is complete
                     continuing.interrupted = continuing.cut = False
                 if failed:
-                    conv.turns.append(Turn(role=Role.ASSISTANT, text=SORRY, notice=True))
+                    conv.turns.append(Turn(role=Role.ASSISTANT, text=failure, notice=True))
                 kept = self.store.replace_last(owner, conv.id, position, continuing)
                 if kept and failed:
                     kept = self.store.append(owner, conv.id, position + 1, conv.turns[position + 1:])
@@ -292,7 +381,7 @@ class ChatService:
                 if reply.strip() or not failed:
                     conv.add_assistant_turn(reply.strip(), interrupted=interrupted, cut=cut, attachments=spoken)
                 if failed:
-                    conv.turns.append(Turn(role=Role.ASSISTANT, text=SORRY, notice=True))
+                    conv.turns.append(Turn(role=Role.ASSISTANT, text=failure, notice=True))
                 kept = self.store.append(owner, conv.id, position, conv.turns[position:])
             if not kept:
                 log.info("Conversation %s changed while replying; the reply was not kept", conv.id)
@@ -331,3 +420,20 @@ class ChatService:
         conv.title = conv.title or " ".join(shown.split())[:60]
         conv.turns.append(Turn(role=Role.USER, text=shown, notice=True))
         conv.turns.append(Turn(role=Role.ASSISTANT, text=message, notice=True))
+
+
+def _cut_at_stop(reply: str, stops: tuple[str, ...]) -> str | None:
+    """The reply up to the first stop string in it, or None if there is none."""
+    found = [reply.index(s) for s in stops if s and s in reply]
+    return reply[:min(found)] if found else None
+
+
+def _held_back(reply: str, stops: tuple[str, ...]) -> str:
+    """The reply less an ending that may be the start of a stop string (not shown until it is known)."""
+    keep = len(reply)
+    for stop in filter(None, stops):
+        for size in range(min(len(stop) - 1, len(reply)), 0, -1):
+            if reply.endswith(stop[:size]):
+                keep = min(keep, len(reply) - size)
+                break
+    return reply[:keep]

@@ -1,11 +1,13 @@
-"""Durable conversations: an SQLite database (WAL) in the data directory.
+"""Durable conversations: an SQLite database (WAL) in the data directory, or a
+PostgreSQL database that several app copies share.
 
 Every conversation belongs to one owner (an opaque string the session layer
 derives from a browser key, an API key or a signed-in user name); every read
 and write names the owner, so one owner can never load, change or delete
 another's conversation. Attachment files live in `<data_dir>/media`, named by
 their SHA-256; the database keeps their paths relative to the data directory
-so the directory can be moved.
+so the directory can be moved. The SQL is shared; what differs between the two
+databases lives in the two dialect classes at the end (`_SQLite`, `_Postgres`).
 
 Export writes one JSON document holding the conversation and (optionally) the
 attachment bytes; import checks every file against its hash before keeping it.
@@ -18,6 +20,7 @@ import binascii
 import json
 import math
 import os
+import re
 import sqlite3
 import threading
 import time
@@ -132,40 +135,35 @@ class ConversationSummary:
 class ConversationStore:
     """Thread-safe: one connection, used under a lock (every operation is a short transaction)."""
 
-    def __init__(self, data_dir: Path, media_grace_seconds: float = MEDIA_GRACE_SECONDS):
+    def __init__(self, data_dir: Path, database: str | None = None,
+                 media_grace_seconds: float = MEDIA_GRACE_SECONDS):
+        """`database`: a postgresql:// URL, or None for SQLite in the data directory.
+
+        Attachment files are always kept in `<data_dir>/media`: app copies that share
+        a PostgreSQL database must share that directory too.
+        """
         self.data_dir = Path(data_dir).resolve()
         self.media_dir = self.data_dir / "media"
         self.media_grace_seconds = media_grace_seconds
         # Private to this user whatever the umask: conversations, photos and recordings are personal.
         self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(self.data_dir, 0o700)
-        self.path = self.data_dir / "conversations.sqlite3"
-        self.path.touch(mode=0o600)  # SQLite gives its -wal and -shm files the database's mode
-        os.chmod(self.path, 0o600)
         self._lock = threading.RLock()
-        # isolation_level=None: we open transactions ourselves, so each save is one atomic commit.
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode = WAL")
-        # FULL: a commit is on disk before save() returns (NORMAL could lose it on power loss).
-        self._db.execute("PRAGMA synchronous = FULL")
-        self._db.execute("PRAGMA foreign_keys = ON")
-        self._db.execute("PRAGMA busy_timeout = 5000")
+        self._db = _Postgres(database) if database else _SQLite(self.data_dir / "conversations.sqlite3")
+        self.path = self._db.where
         with self._transaction():
-            version = self._db.execute("PRAGMA user_version").fetchone()[0]
+            version = self._db.schema_version()
             if version == 0:
-                # Statement by statement: executescript() would commit the open transaction.
-                for statement in filter(str.strip, _SCHEMA.split(";")):
-                    self._db.execute(statement)
-                self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                self._db.execute_ddl(_SCHEMA)
+                self._db.set_schema_version(SCHEMA_VERSION)
             while version in _MIGRATIONS:
-                for statement in _MIGRATIONS[version]:
-                    self._db.execute(statement)
+                self._db.execute_ddl(";".join(_MIGRATIONS[version]))
                 version += 1
-                self._db.execute(f"PRAGMA user_version = {version}")
+                self._db.set_schema_version(version)
             if version not in (0, SCHEMA_VERSION):
                 raise UserFacingError(f"{self.path} has schema version {version}; this app reads version "
-                                      f"{SCHEMA_VERSION}. Use a matching app version or another --data-dir.")
+                                      f"{SCHEMA_VERSION}. Use a matching app version or another "
+                                      "--data-dir / --database.")
 
     def close(self) -> None:
         with self._lock:
@@ -286,7 +284,10 @@ class ConversationStore:
         return cursor.rowcount > 0
 
     def collect_garbage(self) -> int:
-        """Remove every media file no turn refers to (at start-up); returns how many went."""
+        """Remove every media file no turn refers to (at start-up); returns how many went.
+
+        With a shared PostgreSQL database, every copy's turns count: a file stays while any refers to it.
+        """
         with self._lock:
             return self._collect({p.name.split(".")[0] for p in self.media_dir.glob("??/*")})
 
@@ -403,9 +404,9 @@ class ConversationStore:
     # -- internals ---------------------------------------------------------------------
     @contextmanager
     def _transaction(self) -> Iterator[None]:
-        """BEGIN IMMEDIATE ... COMMIT under the store's lock; rolled back on any error."""
+        """BEGIN (one writer at a time) ... COMMIT under the store's lock; rolled back on any error."""
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+            self._db.begin()
             try:
                 yield
             except BaseException:
@@ -415,10 +416,11 @@ class ConversationStore:
 
     def _shas(self, conv_id: str, owner: str | None = None) -> set[str]:
         """The hashes of a conversation's attachments (candidates for removal when it changes)."""
-        return {r[0] for r in self._db.execute(
-            "SELECT a.sha256 FROM attachments a JOIN turns t ON t.key = a.turn_key"
-            " JOIN conversations c ON c.id = t.conversation_id"
-            " WHERE c.id = ? AND (? IS NULL OR c.owner = ?)", (conv_id, owner, owner))}
+        sql = ("SELECT a.sha256 FROM attachments a JOIN turns t ON t.key = a.turn_key"
+               " JOIN conversations c ON c.id = t.conversation_id WHERE c.id = ?")
+        if owner is None:
+            return {r[0] for r in self._db.execute(sql, (conv_id,))}
+        return {r[0] for r in self._db.execute(sql + " AND c.owner = ?", (conv_id, owner))}
 
     def _collect(self, shas: set[str], grace: float | None = None) -> int:
         """Remove the media files of `shas` that no turn refers to any more.
@@ -452,9 +454,9 @@ class ConversationStore:
     def _insert_turn(self, conv_id: str, position: int, turn: Turn) -> None:
         key = self._db.execute(
             "INSERT INTO turns (conversation_id, position, id, role, text, created, interrupted, notice, cut)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING key",
             (conv_id, position, turn.id, turn.role.value, turn.text, turn.created, int(turn.interrupted),
-             int(turn.notice), int(turn.cut))).lastrowid
+             int(turn.notice), int(turn.cut))).fetchone()[0]
         self._db.executemany(
             "INSERT INTO attachments (turn_key, position, kind, path, sha256, name, label) VALUES (?, ?, ?, ?, ?, ?, ?)",
             [(key, i, a.kind.value, self._relative(Path(a.path)), a.sha256, a.name, a.label)
@@ -463,8 +465,8 @@ class ConversationStore:
             "INSERT INTO observations (turn_key, position, kind, text, attachment, source) VALUES (?, ?, ?, ?, ?, ?)",
             [(key, i, o.kind.value, o.text, o.attachment, o.source) for i, o in enumerate(turn.observations)])
 
-    def _children(self, table: str, keys: list[int]) -> dict[int, list[sqlite3.Row]]:
-        found: dict[int, list[sqlite3.Row]] = {}
+    def _children(self, table: str, keys: list[int]) -> dict[int, list]:
+        found: dict[int, list] = {}
         for start in range(0, len(keys), 500):  # stay under SQLite's bound-parameter limit
             chunk = keys[start:start + 500]
             marks = ",".join("?" * len(chunk))
@@ -578,7 +580,7 @@ def _text(value, where: str, limit: int) -> str:
 
 def _unencodable(value: str) -> bool:
     try:
-        value.encode("utf-8")  # JSON can carry lone surrogates; SQLite (UTF-8) cannot store them
+        value.encode("utf-8")  # JSON can carry lone surrogates; the databases (UTF-8) cannot store them
     except UnicodeEncodeError:
         return True
     return False
@@ -594,3 +596,117 @@ def _flag(value, where: str) -> bool:
     if not isinstance(value, bool):
         raise _Invalid(f"{where} must be true or false")
     return value
+
+
+# -- the two databases: everything that differs between their SQL is here -----------------------
+class _SQLite:
+    """A file in the data directory, in WAL mode: one server process (or a few on one machine)."""
+
+    def __init__(self, path: Path):
+        self.where = path
+        path.touch(mode=0o600)  # SQLite gives its -wal and -shm files the database's mode
+        os.chmod(path, 0o600)
+        # isolation_level=None: we open transactions ourselves, so each save is one atomic commit.
+        self.conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+        self.conn.row_factory = sqlite3.Row
+        self.conn.execute("PRAGMA journal_mode = WAL")
+        # FULL: a commit is on disk before save() returns (NORMAL could lose it on power loss).
+        self.conn.execute("PRAGMA synchronous = FULL")
+        self.conn.execute("PRAGMA foreign_keys = ON")
+        self.conn.execute("PRAGMA busy_timeout = 5000")
+
+    def execute(self, sql: str, params=()):
+        return self.conn.execute(sql, params)
+
+    def executemany(self, sql: str, rows) -> None:
+        self.conn.executemany(sql, rows)
+
+    def begin(self) -> None:
+        self.conn.execute("BEGIN IMMEDIATE")  # takes the write lock now: no deadlock on upgrade
+
+    def schema_version(self) -> int:
+        return self.conn.execute("PRAGMA user_version").fetchone()[0]
+
+    def set_schema_version(self, version: int) -> None:
+        self.conn.execute(f"PRAGMA user_version = {int(version)}")
+
+    def execute_ddl(self, script: str) -> None:
+        # Statement by statement: executescript() would commit the open transaction.
+        for statement in filter(str.strip, script.split(";")):
+            self.conn.execute(statement)
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+class _Postgres:
+    """A PostgreSQL database shared by any number of app copies (psycopg 3).
+
+    The shared SQL is written for SQLite (`?` placeholders); it is portable apart
+    from the placeholder and a few column types, translated here. Write
+    transactions take one advisory lock, so writers queue exactly as SQLite's do
+    and the check-then-write of `save`, `append` and `replace_last` stays atomic
+    across processes.
+    """
+
+    _WRITER_LOCK = 0x636861  # any constant; one per database
+
+    def __init__(self, url: str):
+        import psycopg  # only needed for --database postgresql://…
+
+        self.where = _redacted(url)
+        try:
+            self.conn = psycopg.connect(url, autocommit=True, row_factory=_row_factory)
+        except psycopg.Error as error:
+            raise UserFacingError(f"Cannot connect to the database {self.where}: {error}".strip()) from error
+
+    def execute(self, sql: str, params=()):
+        return self.conn.execute(sql.replace("?", "%s"), params)
+
+    def executemany(self, sql: str, rows) -> None:
+        rows = list(rows)
+        if rows:
+            self.conn.cursor().executemany(sql.replace("?", "%s"), rows)
+
+    def begin(self) -> None:
+        self.conn.execute("BEGIN")
+        self.conn.execute("SELECT pg_advisory_xact_lock(%s)", (self._WRITER_LOCK,))
+
+    def schema_version(self) -> int:
+        self.conn.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+        row = self.conn.execute("SELECT max(version) FROM schema_version").fetchone()
+        return row[0] or 0
+
+    def set_schema_version(self, version: int) -> None:
+        self.conn.execute("DELETE FROM schema_version")
+        self.conn.execute("INSERT INTO schema_version (version) VALUES (%s)", (version,))
+
+    def execute_ddl(self, script: str) -> None:
+        script = (script.replace("INTEGER PRIMARY KEY", "BIGINT GENERATED BY DEFAULT AS IDENTITY PRIMARY KEY")
+                  .replace("INTEGER NOT NULL REFERENCES", "BIGINT NOT NULL REFERENCES")
+                  .replace(" REAL ", " DOUBLE PRECISION "))
+        for statement in filter(str.strip, script.split(";")):
+            self.conn.execute(statement)
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+class _Row(tuple):
+    """A row readable by position and by column name, like sqlite3.Row."""
+
+    names: dict[str, int]
+
+    def __getitem__(self, key):
+        return super().__getitem__(self.names[key] if isinstance(key, str) else key)
+
+
+def _row_factory(cursor):
+    names = {column.name: i for i, column in enumerate(cursor.description or ())}
+    row_type = type("Row", (_Row,), {"names": names})
+    return lambda values: row_type(values)
+
+
+def _redacted(url: str) -> str:
+    """The URL without its password, for messages and logs."""
+    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)

@@ -31,6 +31,9 @@ class GenerationSettings:
     temperature: float = 0.0  # 0 means greedy decoding
     top_p: float = 0.9
     repetition_penalty: float = 1.1
+    # Strings that end a reply where they appear (not included); the service cuts at them for every
+    # backend, a remote backend also hands them to its server.
+    stop: tuple[str, ...] = ()
     # Within this many tokens of the limit, the reply ends at the first sentence end (not mid-sentence).
     sentence_tail: int = 48
 
@@ -102,6 +105,7 @@ class Backend(Protocol):
 # so choosing a remote backend never imports torch; tests and plugins add classes with `register`.
 BACKENDS: dict[str, str | type] = {
     "transformers": "chatbot.generation.transformers_backend:TransformersGenerator",
+    "openai": "chatbot.generation.openai_backend:OpenAIGenerator",
 }
 
 

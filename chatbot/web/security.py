@@ -83,21 +83,22 @@ class Hardening:
             return await self.app(scope, receive, send)
         path: str = scope["path"]
         if _PROXY.search(path) or _fetches_url(path):
-            return await _respond(send, 403, "This server does not fetch remote URLs.")
+            return await _respond(send, 403, "This server does not fetch remote URLs.", "url_fetch_refused")
         if scope["method"] == "POST" and _is_json(scope):
             body = await _read_body(receive)
             if body is None:
-                return await _respond(send, 413, "Request too large.")
+                return await _respond(send, 413, "Request too large.", "request_too_large")
             if _names_remote_file(body):
-                return await _respond(send, 400, "Files must be uploaded; this server does not fetch URLs.")
-            receive = _replay(body)
+                return await _respond(send, 400, "Files must be uploaded; this server does not fetch URLs.",
+                                      "url_fetch_refused")
+            receive = _replay(body, receive)
         login = scope["method"] == "POST" and path.rstrip("/").endswith("/login")
         client = client_of(scope)
         if login:
             wait = self.login_throttle.wait(client)
             if wait > 0:
                 return await _respond(send, 429, f"Too many wrong passwords; try again in {wait:.0f} s.",
-                                      [(b"retry-after", str(int(wait) + 1).encode())])
+                                      "too_many_attempts", [(b"retry-after", str(int(wait) + 1).encode())])
         served_file = bool(_SERVED_FILE.search(path))
 
         async def guarded_send(message: dict) -> None:
@@ -160,7 +161,9 @@ async def _read_body(receive: Receive) -> bytes | None:
     return b"".join(chunks)
 
 
-def _replay(body: bytes) -> Receive:
+def _replay(body: bytes, original: Receive) -> Receive:
+    """The body read already, then the client's own messages: a streamed response (e.g. the API's
+    server-sent events) listens for the real disconnect, not an invented one that would end it at once."""
     sent = False
 
     async def receive() -> dict:
@@ -168,7 +171,7 @@ def _replay(body: bytes) -> Receive:
         if not sent:
             sent = True
             return {"type": "http.request", "body": body, "more_body": False}
-        return {"type": "http.disconnect"}
+        return await original()
     return receive
 
 
@@ -191,9 +194,12 @@ def _names_remote_file(body: bytes) -> bool:
     return False
 
 
-async def _respond(send: Send, status: int, text: str, extra: list[tuple[bytes, bytes]] = ()) -> None:
-    body = text.encode()
+async def _respond(send: Send, status: int, text: str, code: str,
+                   extra: list[tuple[bytes, bytes]] = ()) -> None:
+    """A refusal in the error shape of the OpenAI-compatible API (/v1), which any client can read."""
+    kind = {403: "permission_error", 429: "rate_limit_error"}.get(status, "invalid_request_error")
+    body = json.dumps({"error": {"message": text, "type": kind, "code": code, "param": None}}).encode()
     await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"text/plain; charset=utf-8"), (b"content-length", str(len(body)).encode()),
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                             (b"x-content-type-options", b"nosniff"), *extra]})
     await send({"type": "http.response.body", "body": body})

@@ -32,9 +32,11 @@ HTML = b"<html><script>fetch('/steal?'+JSON.stringify(localStorage))</script></h
 SVG = b'<svg xmlns="http://www.w3.org/2000/svg" onload="alert(localStorage)"/>'
 
 
-@pytest.fixture
-def store(tmp_path):
-    return ConversationStore(tmp_path / "data", media_grace_seconds=0)
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store(request, tmp_path):
+    """Every attack on a store runs against both databases."""
+    database = request.getfixturevalue("postgres_url") if request.param == "postgresql" else None
+    return ConversationStore(tmp_path / "data", database, media_grace_seconds=0)
 
 
 def document(files: dict[str, bytes], name: str = "photo.png", kind: str = "image", **conversation) -> dict:

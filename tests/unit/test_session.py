@@ -3,10 +3,11 @@ durability (every change is in the store when the call returns). Every test runs
 backend: a tiny transformers model and the model-free canned generator."""
 
 import pytest
+from PIL import Image
 
 from chatbot.config import Config
 from chatbot.conversation.owners import resolve_owner
-from chatbot.conversation.service import ChatService
+from chatbot.conversation.service import ChatService, IncomingMessage
 from chatbot.conversation.store import ConversationNotFound, ConversationStore
 from chatbot.errors import UserFacingError
 from chatbot.generation.base import GenerationSettings, ReplyGenerator, load_generator
@@ -267,3 +268,37 @@ def test_a_reply_that_ends_by_itself_is_not_cut(store):
     assert conv.turns[-1].text == "thanks for your message about hello cat" and not conv.turns[-1].cut
     with pytest.raises(UserFacingError):
         list(service.continue_reply(ANA, conv))
+# -- stateless clients (the OpenAI protocol sends the whole history every time) ------------------
+def test_a_resent_history_continues_one_stored_conversation_without_encoding_again(service, store, tmp_path):
+    photo = tmp_path / "p.png"
+    Image.new("RGB", (40, 30), "red").save(photo)
+    calls = []
+    describe = service.encoder._describe_image
+    service.encoder._describe_image = lambda path, **kw: calls.append(path) or describe(path, **kw)
+    first = [IncomingMessage(Role.USER, "hello cat photo", (photo,))]
+    answer = service.answer(ANA, first)
+    reply = list(answer.replies)[-1].strip()
+    assert answer.prompt_tokens > 0 and calls == [photo]
+    service.encoder._cache.clear()  # another process: only the store remembers what the photo showed
+    again = first + [IncomingMessage(Role.ASSISTANT, reply), IncomingMessage(Role.USER, "and the dog")]
+    follow = service.answer(ANA, again)
+    list(follow.replies)
+    assert follow.conversation.id == answer.conversation.id and len(calls) == 1
+    assert [t.text for t in store.load(ANA, answer.conversation.id).turns][2] == "and the dog"
+    # An edited history is a branch: a new conversation, the old one untouched.
+    edited = first + [IncomingMessage(Role.ASSISTANT, "something else"), IncomingMessage(Role.USER, "x")]
+    branch = service.answer(ANA, edited)
+    list(branch.replies)
+    assert branch.conversation.id != answer.conversation.id and len(store.load(ANA, answer.conversation.id).turns) == 4
+    with pytest.raises(UserFacingError):
+        service.answer(ANA, again[:2])  # must end with the user's message
+
+
+def test_a_stop_string_ends_the_reply_before_it_and_is_never_shown(service):
+    full = list(service.answer(ANA, [IncomingMessage(Role.USER, "hello what is the name")]).replies)[-1].strip()
+    stop = full.split()[len(full.split()) // 2]  # a word in the middle of the (deterministic) reply
+    answer = service.answer(BEN, [IncomingMessage(Role.USER, "hello what is the name")],
+                            GenerationSettings(max_new_tokens=24, temperature=0, stop=(stop,)))
+    updates = list(answer.replies)
+    assert updates[-1] == full[:full.index(stop)] and all(stop not in u for u in updates)
+    assert not answer.conversation.turns[-1].interrupted

@@ -1,4 +1,7 @@
-"""ConversationStore: SQLite in WAL mode, per-owner access, crash safety, export/import round trips."""
+"""ConversationStore on SQLite (WAL) and on PostgreSQL: per-owner access, crash safety, export/import round trips.
+
+Every test that takes `store` or `open_store` runs against both databases.
+"""
 
 import base64
 import hashlib
@@ -25,9 +28,21 @@ from chatbot.state import (
 ANA, BEN = "key:ana", "key:ben"
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database(request) -> str | None:
+    """None for SQLite in the data directory, or the URL of an empty PostgreSQL schema."""
+    return request.getfixturevalue("postgres_url") if request.param == "postgresql" else None
+
+
 @pytest.fixture
-def store(tmp_path):
-    return ConversationStore(tmp_path / "data")
+def open_store(database):
+    """Opens a store on `data_dir` and this test's database (a reopen is a restart)."""
+    return lambda data_dir: ConversationStore(data_dir, database)
+
+
+@pytest.fixture
+def store(open_store, tmp_path):
+    return open_store(tmp_path / "data")
 
 
 def media_file(store: ConversationStore, content: bytes, suffix: str) -> Attachment:
@@ -55,7 +70,8 @@ def sample(store: ConversationStore) -> Conversation:
     return conv
 
 
-def test_database_uses_wal_foreign_keys_and_a_schema_version(store):
+def test_database_uses_wal_foreign_keys_and_a_schema_version(tmp_path):
+    store = ConversationStore(tmp_path / "data")
     db = sqlite3.connect(store.path)
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert db.execute("PRAGMA user_version").fetchone()[0] == 2
@@ -64,37 +80,35 @@ def test_database_uses_wal_foreign_keys_and_a_schema_version(store):
     assert store._db.execute("PRAGMA foreign_keys").fetchone()[0] == 1
 
 
-def test_save_and_load_round_trip_every_field(store):
+def test_save_and_load_round_trip_every_field(store, open_store):
     conv = sample(store)
     store.save(ANA, conv)
     loaded = store.load(ANA, conv.id)
     assert loaded == conv
     assert loaded.to_json() == conv.to_json()
     # Reopening the file (a restart) gives the same.
-    assert ConversationStore(store.data_dir).load(ANA, conv.id) == conv
+    assert open_store(store.data_dir).load(ANA, conv.id) == conv
 
 
-def test_attachment_paths_are_stored_relative_so_the_data_dir_can_move(store, tmp_path):
+def test_attachment_paths_are_stored_relative_so_the_data_dir_can_move(store, open_store, tmp_path):
     conv = sample(store)
     store.save(ANA, conv)
     stored = {r[0] for r in store._db.execute("SELECT path FROM attachments")}
     assert all(p.startswith("media/") for p in stored)
     store.close()
     moved = shutil.move(store.data_dir, tmp_path / "moved")
-    loaded = ConversationStore(moved).load(ANA, conv.id)
+    loaded = open_store(moved).load(ANA, conv.id)
     assert all(a.path.startswith(str(moved)) and open(a.path, "rb").read() for a in loaded.attachments())
 
 
-def test_a_version_1_database_is_migrated_in_place(store):
+def test_a_version_1_database_is_migrated_in_place(store, open_store):
     conv = sample(store)
     store.save(ANA, conv)
+    with store._transaction():  # the version 1 layout, written through the database's own dialect
+        store._db.execute("ALTER TABLE turns DROP COLUMN cut")
+        store._db.set_schema_version(1)
     store.close()
-    db = sqlite3.connect(store.path)
-    db.execute("ALTER TABLE turns DROP COLUMN cut")  # the version 1 layout
-    db.execute("PRAGMA user_version = 1")
-    db.commit()
-    db.close()
-    reopened = ConversationStore(store.data_dir)
+    reopened = open_store(store.data_dir)
     loaded = reopened.load(ANA, conv.id)
     assert [t.text for t in loaded.turns] == [t.text for t in conv.turns] and not any(t.cut for t in loaded.turns)
     reopened.save(ANA, conv)
@@ -196,14 +210,14 @@ def test_concurrent_writers_from_many_threads(store):
         assert texts == [f"owner {n} message {i}" for i in range(10)]
 
 
-def test_a_writer_killed_mid_transaction_leaves_a_consistent_store(tmp_path):
+def test_a_writer_killed_mid_transaction_leaves_a_consistent_store(tmp_path, database, open_store):
     """SIGKILL a process that rewrites a big conversation in a loop: the store keeps a whole version."""
     data = tmp_path / "data"
     script = f"""
 import sys
 from chatbot.state import Conversation, Role, Turn
 from chatbot.conversation.store import ConversationStore
-store = ConversationStore({str(data)!r})
+store = ConversationStore({str(data)!r}, {database!r})
 conv = Conversation(id="c1")
 for i in range(400):
     conv.add_user_turn(Turn(role=Role.USER, text="question %d " % i * 20))
@@ -223,8 +237,9 @@ while True:
     threading.Event().wait(1.5)  # let it commit (and be mid-way through) several rewrites
     proc.kill()
     proc.wait()
-    store = ConversationStore(data)
-    assert store._db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    store = open_store(data)
+    if database is None:
+        assert store._db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
     turns = store.load("key:ana", "c1").turns
     assert len(turns) == 800 and len({t.text for t in turns}) == 1  # one whole version, never a mix
 
@@ -293,3 +308,23 @@ def test_import_rejects_forged_files_and_paths(store):
                                                 "conversation": {"turns": [{"role": "wizard"}]}})):
         with pytest.raises(UserFacingError):
             store.import_json(BEN, junk)
+
+
+def test_two_copies_on_one_database_share_conversations_and_race_safely(open_store, tmp_path):
+    """Two stores (two app copies, own connections) on one database: what one writes the other reads,
+    and appends racing for the same place keep exactly one reply."""
+    first, second = open_store(tmp_path / "shared"), open_store(tmp_path / "shared")
+    conv = Conversation()
+    conv.add_user_turn(Turn(role=Role.USER, text="hi from copy one"))
+    first.save(ANA, conv)
+    assert [c.id for c in second.list(ANA)] == [conv.id] and second.load(ANA, conv.id) == conv
+    results: list[bool] = []
+    replies = [Turn(role=Role.ASSISTANT, text=f"reply from copy {n}") for n in (1, 2)]
+    threads = [threading.Thread(target=lambda s=s, r=r: results.append(s.append(ANA, conv.id, 1, [r])))
+               for s, r in zip((first, second), replies)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(results) == [False, True]
+    assert first.load(ANA, conv.id).turns[1] in replies and first.load(ANA, conv.id) == second.load(ANA, conv.id)
