@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -34,11 +35,16 @@ def cache_root() -> Path:
     return Path(base) / "multimodal-chatbot"
 
 
+def install_hint() -> str:
+    """How to install what is missing, naming this interpreter's pip (the venv's, not the system's)."""
+    return f"install the app's requirements with `{sys.executable} -m pip install -r requirements.txt` (see README)"
+
+
 def package_dir(module: str) -> Path:
     """A package's folder, found without importing it (some bundles' __init__ imports absent deps)."""
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"the package providing '{module}' is not installed")
+        raise FileNotFoundError(f"the package providing '{module}' is not installed; {install_hint()}")
     return Path(list(spec.submodule_search_locations)[0])
 
 

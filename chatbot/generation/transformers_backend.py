@@ -278,6 +278,8 @@ def _load_generator(spec: str, quantization: str, max_context: int) -> Transform
     except Exception as error:  # noqa: BLE001 - any loading failure gets the same clear message
         hint = "" if Path(spec).exists() or spec in weights.CHAT_MODELS else (
             " (not a local folder; downloading it from the Hugging Face hub needs internet access)")
+        if isinstance(error, ImportError) or " is required" in str(error):  # e.g. accelerate for GGUF files
+            hint += f"; {weights.install_hint()}"
         raise UserFacingError(f"Could not load the text model '{spec}'{hint}: {error}") from error
     if backend is CausalChatGenerator and not tokenizer.chat_template:
         raise UserFacingError(f"The text model '{spec}' is a causal model without a chat template; "

