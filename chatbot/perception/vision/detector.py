@@ -60,13 +60,9 @@ class ObjectDetector(ImageAnalyzer):
     name = "nanodet"
 
     def __init__(self, *, min_score: float = 0.45, threads: int = 2) -> None:
-        import onnxruntime
+        from chatbot.perception.onnx import session
 
-        onnxruntime.disable_telemetry_events()  # it would otherwise look up Microsoft's event servers
-        options = onnxruntime.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        self._session = onnxruntime.InferenceSession(str(MODEL_FILE), options, providers=["CPUExecutionProvider"])
+        self._session = session(MODEL_FILE, threads)
         self._min_score = min_score
         self._lock = threading.Lock()
 
