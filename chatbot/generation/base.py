@@ -34,7 +34,7 @@ class GenerationSettings:
     # Strings that end a reply where they appear (not included); the service cuts at them for every
     # backend, a remote backend also hands them to its server.
     stop: tuple[str, ...] = ()
-    # Within this many tokens of the limit, the reply ends at the first sentence end (not mid-sentence).
+    # Within this many tokens of the limit (at most its last quarter), the reply ends at the first sentence end.
     sentence_tail: int = 48
 
     def generate_kwargs(self) -> dict:

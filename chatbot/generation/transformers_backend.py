@@ -68,7 +68,10 @@ class _StopAtSentenceEnd(StoppingCriteria):
 
     def __init__(self, tokenizer, prompt_length: int, settings: GenerationSettings):
         self.tokenizer = tokenizer
-        self.from_length = prompt_length + max(1, settings.max_new_tokens - settings.sentence_tail)
+        # The last `sentence_tail` tokens, but at most a quarter of a short reply (a 48-token limit is not
+        # meant to end every reply at its first full stop).
+        tail = min(settings.sentence_tail, settings.max_new_tokens // 4)
+        self.from_length = prompt_length + max(1, settings.max_new_tokens - tail)
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
         done = input_ids.shape[1] >= self.from_length and bool(
