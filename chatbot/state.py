@@ -214,7 +214,7 @@ class Conversation:
 
     # -- rendering ----------------------------------------------------------------
     def render(self, count_tokens: Callable[[str], int], budget: int,
-               relevance: Relevance | None = None) -> list[Message]:
+               relevance: Relevance | None = None, notes: bool = True) -> list[Message]:
         """Messages for the decoder whose total token count stays within `budget`.
 
         The system prompt and the newest turn always stay; a newest turn longer
@@ -229,6 +229,9 @@ class Conversation:
         the newest message: it changes every turn, so it must come after the
         history, whose rendering stays the same from turn to turn (the decoder
         reuses its cache for it). It gets a fixed share of the budget.
+
+        `notes=False` leaves the tracked state out (for reply servers that map or cache
+        histories by their text, see `ReplyGenerator.reads_notes`).
         """
         turns, messages, cost, base = self._costed(count_tokens)
         history = _history_budget(budget)
@@ -239,7 +242,7 @@ class Conversation:
         if over > 0 and len(window) > 1:
             newest = window[-1]
             window[-1] = Message(newest.role, _clipped(newest.content, count_tokens, cost[-1] - _MESSAGE_OVERHEAD - over))
-        if turns and turns[-1].role is Role.USER:
+        if notes and turns and turns[-1].role is Role.USER:
             dropped = [Said(t.text, i) for i, t in enumerate(turns[:first]) if t.role is Role.USER]
             block = self.tracked(turns[:-1]).render(turns[-1].text or window[-1].content, dropped, count_tokens,
                                                     budget - history, relevance)

@@ -295,7 +295,8 @@ class ChatService:
     def prompt(self, conv: Conversation, settings: GenerationSettings | None = None) -> list[Message]:
         """The messages the reply model reads to answer the last turn of `conv`."""
         budget = self.generator.prompt_budget(settings or self.settings)
-        return conv.render(self.generator.count_tokens, budget, self.relevance)
+        return conv.render(self.generator.count_tokens, budget, self.relevance,
+                           notes=getattr(self.generator, "reads_notes", True))
 
     # -- internals ------------------------------------------------------------------------
     def _reply(self, owner: str, conv: Conversation, settings: GenerationSettings,

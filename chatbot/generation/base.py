@@ -63,6 +63,10 @@ class ReplyGenerator(Protocol):
 
     name: str
     context_tokens: int  # prompt plus reply must fit in this many tokens
+    # Whether the newest message may carry the tracked-state notes. A block that changes every turn
+    # makes a remote server see an edited history each time (this app then starts a new
+    # conversation; vLLM/llama.cpp lose their prefix cache), so remote backends say False.
+    reads_notes: bool
 
     def count_tokens(self, text: str) -> int:
         """Tokens `text` costs in a prompt (used to fit the conversation into the budget)."""

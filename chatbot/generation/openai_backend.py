@@ -36,6 +36,8 @@ READ_SECONDS = 300.0  # a busy server may queue a request for a while before its
 class OpenAIGenerator:
     """A `ReplyGenerator` backed by a remote OpenAI-compatible chat completions endpoint."""
 
+    reads_notes = False  # the server sees the history as the conversation has it (see base.ReplyGenerator)
+
     def __init__(self, base_url: str, model: str, api_key: str | None = None, context_tokens: int = 2048):
         self.name = model
         self.base_url = base_url

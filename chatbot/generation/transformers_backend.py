@@ -86,6 +86,8 @@ _SENTENCE_END = re.compile(r"[^\d\s][.!?…][\"')\]*]*\s*$")
 class TransformersGenerator(ABC):
     """A transformers model in this process (implements `base.ReplyGenerator`)."""
 
+    reads_notes = True
+
     prefix_cache: PrefixCache | None = None  # set by backends whose prompts grow turn by turn
 
     def __init__(self, name: str, model, tokenizer, context_tokens: int):

@@ -21,6 +21,8 @@ class CannedGenerator:
 
     A trailing assistant message (a reply to continue) goes on from where it stopped."""
 
+    reads_notes = True
+
     name = "canned"
 
     def __init__(self, context_tokens: int = 1024, seconds_per_token: float = 0.0):
