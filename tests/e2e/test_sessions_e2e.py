@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[2]
 SIGN = ROOT / "assets" / "examples" / "sign.png"
 VOICE = ROOT / "tests" / "data" / "capital_of_france.wav"
 # With greedy decoding this runs to the token limit (≈12 s): long enough to stop or kill mid-way.
-LONG_PROMPT = "Count from 1 to 300, one number per line."  # long and never refused by the 0.5B model
+LONG_PROMPT = "Count from 1 to 300, one number per line."  # long; the 0.5B model now refuses a story request
 SHORT = "Answer with one word."
 
 
