@@ -9,7 +9,7 @@ def test_three_turn_conversation_streams_and_remembers(page: Page):
     browser_send(page, "Hi! My name is Ana and I live in Lisbon.")
     bots_before = page.get_by_test_id("bot").count()
     box = message_box(page)
-    box.fill("What is 12 plus 30?")
+    box.fill("Explain how bread is made, step by step.")  # a reply long enough to watch it stream
     box.press("Enter")
     seen: list[str] = []
     reply = wait_for_reply(page, bots_before, seen)
