@@ -19,7 +19,8 @@ def pytest_collection_modifyitems(items):
     """Each test is marked by its folder (`pytest -m unit` runs the fast ones); browser tests also `browser`."""
     for item in items:
         folder = item.path.parent.name
-        if folder in _FOLDER_MARKS:
+        # A unit test that loads a real bundled model (Whisper, OCR) is `slow`: the full suite runs it, the quick loop not.
+        if folder in _FOLDER_MARKS and not (folder == "unit" and item.get_closest_marker("slow")):
             item.add_marker(_FOLDER_MARKS[folder])
         if "page" in getattr(item, "fixturenames", ()) or "browser" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.browser)

@@ -23,6 +23,8 @@ from chatbot.perception.speech import (
     load_recognizer,
 )
 
+pytestmark = pytest.mark.slow  # loads the real bundled models: not in `pytest -m unit`
+
 DATA = Path(__file__).resolve().parents[1] / "data"
 # Fixture -> words its transcript must contain (see tests/data/make_speech_fixtures.py for the sentences).
 KEY_WORDS = {

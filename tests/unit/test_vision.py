@@ -22,6 +22,8 @@ from chatbot.perception.vision import (
     load_analyzers,
 )
 
+pytestmark = pytest.mark.slow  # loads the real bundled models: not in `pytest -m unit`
+
 FONT_DIR = Path("/usr/share/fonts/truetype/dejavu")
 
 
