@@ -13,6 +13,7 @@ import threading
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 from gradio_client import Client, handle_file
 from gradio_client.utils import Status
@@ -67,11 +68,17 @@ def test_nothing_but_loopback_is_contacted_from_start_to_a_voice_turn(tmp_path):
                 "-E", "GRADIO_ANALYTICS_ENABLED", "-E", "HF_HUB_OFFLINE", "-E", "HF_HUB_DISABLE_TELEMETRY",
                 *app.args]
     with app:
-        client = Client(app.url, verbose=False)
-        send(client, "Hello! " + SHORT)
-        send(client, "What does the sign say?", (SIGN,))
-        voice = send(client, "", (VOICE,))
-        assert "france" in text_of(voice[-2]).lower()
+        # Stopping strace detaches the app rather than ending it: end the app itself afterwards.
+        traced = psutil.Process(app.pid).children(recursive=True)
+        try:
+            client = Client(app.url, verbose=False)
+            send(client, "Hello! " + SHORT)
+            send(client, "What does the sign say?", (SIGN,))
+            voice = send(client, "", (VOICE,))
+            assert "france" in text_of(voice[-2]).lower()
+        finally:
+            for process in traced:
+                process.kill()
     # The server binds its port (it may connect to nothing at all): proof that the trace sees the process.
     assert trace.read_text().count("bind(") > 0, "the trace saw nothing: is strace working?"
     assert not _outbound(trace), _outbound(trace)
