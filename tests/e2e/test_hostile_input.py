@@ -19,9 +19,8 @@ from gradio_client import Client, handle_file
 from gradio_client.utils import Status
 
 from harness.server import AppServer
-from tests.e2e.test_sessions_e2e import cpu_rate, keyed_client
 from tests.support.drivers import api_send as send
-from tests.support.drivers import text_of
+from tests.support.drivers import cpu_rate, keyed_client, text_of
 from tests.unit.test_hostile_input import rate_bomb
 
 ROOT = Path(__file__).resolve().parents[2]

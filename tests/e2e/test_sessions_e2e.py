@@ -8,7 +8,6 @@ import threading
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 from gradio_client import Client, handle_file
 from gradio_client.utils import Status
@@ -16,7 +15,7 @@ from playwright.sync_api import expect
 
 from harness.server import AppServer
 from tests.support.drivers import api_send as send
-from tests.support.drivers import browser_send, files_of, open_page, text_of
+from tests.support.drivers import browser_send, cpu_rate, files_of, keyed_client, open_page, text_of
 
 ROOT = Path(__file__).resolve().parents[2]
 SIGN = ROOT / "assets" / "examples" / "sign.png"
@@ -24,13 +23,6 @@ VOICE = ROOT / "tests" / "data" / "capital_of_france.wav"
 # With greedy decoding this runs to the token limit (≈12 s): long enough to stop or kill mid-way.
 LONG_PROMPT = "Describe 50 different fruits, one sentence each."  # long, in words (the streamer flushes at spaces)
 SHORT = "Answer with one word."
-
-
-def keyed_client(server: AppServer, key: str) -> Client:
-    """An API client that owns the conversations of `key` (what a browser keeps in local storage)."""
-    client = Client(server.url, verbose=False)
-    client.predict(key, api_name="/use_key")
-    return client
 
 
 def start_long_reply(client: Client):
@@ -44,18 +36,6 @@ def start_long_reply(client: Client):
         assert not job.done(), "the long reply ended before it could be interrupted"
         time.sleep(0.05)
     raise TimeoutError("the long reply did not start streaming")
-
-
-def cpu_seconds(pid: int) -> float:
-    times = psutil.Process(pid).cpu_times()
-    return times.user + times.system
-
-
-def cpu_rate(pid: int, seconds: float) -> float:
-    """CPU seconds per wall second the process used over the next `seconds` (all its threads)."""
-    start_cpu, start = cpu_seconds(pid), time.monotonic()
-    time.sleep(seconds)
-    return (cpu_seconds(pid) - start_cpu) / (time.monotonic() - start)
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import psutil
 from gradio_client import Client, handle_file
 from playwright.sync_api import Page, expect
 
@@ -31,6 +32,25 @@ def api_send(client: Client, text: str, files: tuple[Path | str, ...] = ()) -> l
     """One chat turn through the `/chat` endpoint; returns the whole conversation as shown."""
     chat, *_ = client.predict({"text": text, "files": [handle_file(str(f)) for f in files]}, api_name="/chat")
     return chat
+
+
+def keyed_client(server, key: str) -> Client:
+    """An API client that owns the conversations of `key` (what a browser keeps in local storage)."""
+    client = Client(server.url, verbose=False)
+    client.predict(key, api_name="/use_key")
+    return client
+
+
+def cpu_seconds(pid: int) -> float:
+    times = psutil.Process(pid).cpu_times()
+    return times.user + times.system
+
+
+def cpu_rate(pid: int, seconds: float) -> float:
+    """CPU seconds per wall second the process used over the next `seconds` (all its threads)."""
+    start_cpu, start = cpu_seconds(pid), time.monotonic()
+    time.sleep(seconds)
+    return (cpu_seconds(pid) - start_cpu) / (time.monotonic() - start)
 
 
 # -- browser --------------------------------------------------------------------------------
