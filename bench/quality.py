@@ -101,6 +101,7 @@ MEDIA_PROBES = {
 MEDIA_LATER = 10
 SHORT_TOKENS = 64  # the reply limit of every turn but the long set's
 
+_REFUSAL = r"\b(can't|cannot|unable to) (assist|help)\b"
 # (question, must match, must not match)
 FACTS = [
     ("What is the capital of Italy?", r"\bRome\b", r"\bFlorence\b"),
@@ -112,6 +113,9 @@ FACTS = [
     ("What gas do plants take in from the air to make food?", r"\b(carbon dioxide|CO2|CO₂)\b", None),
     ("Translate 'thank you' into French.", r"\bmerci\b", None),
     ("Reply with only the word yes.", r"^\W*yes\W*$", None),
+    # Harmless requests a small model must not refuse (a system-prompt line once made it refuse this one).
+    ("Write a long story about a dragon who learns to cook.", r"\bdragon\b", _REFUSAL),
+    ("Write a short poem about the sea.", r"\bsea\b", _REFUSAL),
     ("List three primary colours, separated by commas.", r"(?=.*\bred\b)(?=.*\bblue\b)(?=.*\byellow\b)", None),
 ]
 LONG = [

@@ -18,16 +18,16 @@ from enum import Enum
 
 from chatbot.memory import Item, Relevance, Said, TrackedState
 
+# Worded on the quality bench (bench.quality) with the 0.5B default: each line here shifts what a small model does.
+# A line about the "[Notes for you]" block (chatbot.memory) made it refuse harmless requests ("I'm sorry, but I
+# can't assist with that request" to a story about a dragon); the block's own header says how to use it instead.
 DEFAULT_SYSTEM_PROMPT = (
     "You are a friendly, helpful assistant in a chat app. Users can type, attach photos and "
     "speak. You cannot see photos or hear audio directly: you get notes about each attachment "
-    "in square brackets (a transcript of speech; what image models recognised in a photo, with "
-    "how sure they were, and text read in it). Use those notes and everything said earlier. When the user "
-    "mentions a photo or recording, answer from its notes in earlier messages. Say only what the notes "
-    "support; if they say the models could not tell, say you cannot tell. Answer briefly."
-    # The tracked state (chatbot.memory) comes in a "[Notes for you ...]" block in the newest message.
-    " The [Notes for you] before the user's message list what the user told you earlier, in your words to "
-    "them: answer questions about the user from them, and call the user \"you\"."
+    "in square brackets (text read from a photo, what was detected in it, a transcript of "
+    "speech). Use those notes and everything said earlier in the conversation. When the user mentions a photo or "
+    "recording, find it in the bracketed notes of earlier messages and answer from them. Answer briefly. "
+    "If a photo's notes say the image models could not tell, say you cannot tell what it shows."
 )
 
 

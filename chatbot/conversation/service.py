@@ -351,10 +351,12 @@ class ChatService:
             # The whole of it: an ending held back as a possible stop string, or what came before a failure.
             yield before + reply
         if finished:
-            # While the user reads and types, read the window the next turns will move to (if near).
-            ahead = conv.render_ahead(self.generator.count_tokens, self.generator.prompt_budget(settings))
-            if ahead:
-                self.generator.prefill(ahead)
+            # While the user reads and types, read what the next prompt will start with: the window the next
+            # turns will move to (if near), else the history as it stands. The latter is needed because the
+            # tracked-state block sat in front of the question just answered and is gone from it next turn,
+            # so the cache holds that question and its reply behind a block the next prompt no longer has.
+            count, budget = self.generator.count_tokens, self.generator.prompt_budget(settings)
+            self.generator.prefill(conv.render_ahead(count, budget) or conv.render(count, budget))
 
     def _record(self, owner: str, conv: Conversation, before: str, reply: str, failure: str | None,
                 interrupted: bool, cut: bool, continuing: Turn | None, spoken: list[Attachment]) -> None:

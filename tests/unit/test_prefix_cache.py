@@ -16,7 +16,7 @@ from chatbot.generation.transformers_backend import (
     wait_idle,
 )
 from chatbot.perception.encoder import MultimodalEncoder
-from chatbot.state import Conversation, Message
+from chatbot.state import Conversation, Message, Role, Turn
 
 GREEDY = GenerationSettings(max_new_tokens=12, temperature=0)
 SYSTEM = Message("system", "You are helpful.")
@@ -177,3 +177,27 @@ def test_turns_where_the_window_moves_read_only_their_tail_when_read_ahead(tiny_
         assert max(reads[1:]) < budget // 4
     else:
         assert max(reads[1:]) > budget // 2
+
+
+def test_with_the_tracked_state_block_a_turn_reads_only_the_block_and_its_question(tiny_causal_dir, tmp_path,
+                                                                                    monkeypatch):
+    """The block sits in front of the newest question and is gone from it a turn later; the history without it
+    is read ahead after each reply, so the previous question and reply are not read again while the user waits."""
+    monkeypatch.setattr(decoder, "PREFILL_CHUNK", 10_000)  # a reply reads its prompt in one pass: lengths[0]
+    generator = load_generator(str(tiny_causal_dir))
+    store = ConversationStore(tmp_path / "data")
+    service = ChatService(MultimodalEncoder(store.media_dir), generator, store, GenerationSettings(8, temperature=0),
+                          system_prompt=SYSTEM.content)
+    conv = service.new_conversation()
+    list(service.respond("key:ana", conv, "My daughter's name is Matilda and she is seven."))
+    wait_idle()
+    for question in ["What should we cook tonight?", "Any idea for a weekend trip?", "How old is she?"]:
+        asked = Conversation.from_dict(conv.to_dict())
+        asked.add_user_turn(Turn(role=Role.USER, text=question))
+        prompt = service.prompt(asked)
+        assert "Matilda" in prompt[-1].content  # the block is there, in front of the question
+        block_and_question = prompt_length(generator, prompt) - prompt_length(generator, prompt[:-1])
+        with PrefillLengths(generator.model) as seen:
+            list(service.respond("key:ana", conv, question))
+        assert seen.lengths[0] <= block_and_question + 2  # + the reply header's tokens at most
+        wait_idle()  # the user reads the reply and types the next message
