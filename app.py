@@ -62,7 +62,7 @@ def build_service(config: Config):
     log.info("Loading the image analyzers...")
     analyzers = load_analyzers(config.caption_model)
     limits = Limits(max_message_chars=config.max_message_chars, max_files=config.max_files,
-                    max_file_mb=config.max_upload_mb)
+                    max_file_mb=config.max_upload_mb, max_document_pages=config.max_document_pages)
     encoder = MultimodalEncoder(store.media_dir, recognizer, analyzers, limits)
     settings = GenerationSettings(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
                                   top_p=config.top_p, repetition_penalty=config.repetition_penalty)

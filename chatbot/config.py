@@ -49,6 +49,7 @@ class Config:
     max_message_chars: int = Limits.max_message_chars
     max_files: int = Limits.max_files
     max_upload_mb: float = Limits.max_file_mb
+    max_document_pages: int = Limits.max_document_pages
 
     def hub_models(self) -> list[str]:
         """Model specs that are neither bundled nor local folders: loading them needs the hub."""
@@ -117,9 +118,11 @@ def parse_args(argv: list[str] | None = None) -> Config:
     caps = p.add_argument_group("limits of one message (each holds the model while it is read)")
     caps.add_argument("--max-message-chars", type=int, default=d.max_message_chars,
                       help="longer messages are refused; the model reads at most its context of a long one")
-    caps.add_argument("--max-files", type=int, default=d.max_files, help="photos and recordings per message")
+    caps.add_argument("--max-files", type=int, default=d.max_files, help="photos, recordings and PDFs per message")
     caps.add_argument("--max-upload-mb", type=float, default=d.max_upload_mb,
                       help="size of one uploaded file (the web server refuses larger uploads)")
+    caps.add_argument("--max-document-pages", type=int, default=d.max_document_pages,
+                      help="pages of one PDF; longer documents are refused (the model reads the beginning of a document)")
     models = p.add_argument_group("models")
     models.add_argument("--text-backend", default=d.text_backend, choices=sorted(BACKENDS),
                         help="what writes the replies: a model in this process (transformers) or an "
@@ -170,8 +173,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
         p.error("--text-backend openai needs --base-url and --remote-model")
     if args.database and not args.database.startswith(("postgresql://", "postgres://")):
         p.error("--database takes a postgresql:// URL (SQLite is the default, in --data-dir)")
-    if min(args.max_message_chars, args.max_files, args.max_upload_mb) <= 0:
-        p.error("--max-message-chars, --max-files and --max-upload-mb must be positive")
+    if min(args.max_message_chars, args.max_files, args.max_upload_mb, args.max_document_pages) <= 0:
+        p.error("--max-message-chars, --max-files, --max-upload-mb and --max-document-pages must be positive")
     caption = None if args.caption_model in (None, NO_MODEL) else args.caption_model
     try:
         from_env = [_user_password(v) for v in os.environ.get(AUTH_ENV, "").split()]

@@ -51,7 +51,8 @@ _M4A = MediaFormat(AttachmentKind.AUDIO, "m4a", "audio/mp4", "mov")
 _FLAC = MediaFormat(AttachmentKind.AUDIO, "flac", "audio/flac", "flac")
 _AAC = MediaFormat(AttachmentKind.AUDIO, "aac", "audio/aac", "aac")
 _MP3 = MediaFormat(AttachmentKind.AUDIO, "mp3", "audio/mpeg", "mp3")
-FORMATS = (_JPEG, _PNG, _GIF, _WEBP, _BMP, _TIFF, _WAV, _OGG, _WEBM, _M4A, _FLAC, _AAC, _MP3)
+_PDF = MediaFormat(AttachmentKind.DOCUMENT, "pdf", "application/pdf")
+FORMATS = (_JPEG, _PNG, _GIF, _WEBP, _BMP, _TIFF, _WAV, _OGG, _WEBM, _M4A, _FLAC, _AAC, _MP3, _PDF)
 ACCEPTED_EXTENSIONS = frozenset(f.ext for f in FORMATS)
 
 
@@ -104,6 +105,8 @@ def sniff_bytes(data: bytes) -> MediaFormat | None:
         return _BMP
     if data[:4] in (b"II*\x00", b"MM\x00*"):
         return _TIFF
+    if data[:5] == b"%PDF-":
+        return _PDF
     return _sniff_audio(data[:12])
 
 

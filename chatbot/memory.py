@@ -6,8 +6,8 @@ record, rendered next to the newest message each turn:
 - facts the user stated about themselves and their world ("my daughter's name is Matilda and
   she is seven"), rewritten to address the user ("Your daughter's name is Matilda ..."); a later
   statement about the same thing ("my name is ...") replaces the earlier one;
-- every photo and recording with what its notes say, retrievable by label ("Photo 2", "the
-  second photo", "my recording") and by content ("the sign");
+- every photo, recording and document with what its notes say, retrievable by label ("Photo 2",
+  "the second photo", "my recording", "Document 1") and by content ("the sign", "the invoice");
 - the earlier messages that no longer fit the prompt, the ones most relevant to the newest
   message first (`Relevance`, e.g. a sentence embedder; word overlap without one).
 
@@ -40,7 +40,7 @@ class Fact:
 
 @dataclass(frozen=True)
 class Item:
-    """A photo or recording the user sent, and what its notes say."""
+    """A photo, recording or document the user sent, and what its notes say."""
 
     label: str  # "Photo 1"
     names: tuple[str, ...]  # other ways a user refers to it: "first photo", "recording"
@@ -81,7 +81,7 @@ class TrackedState:
                              [f.text for f in self.facts]))
         if self.items:
             wanted = {i for i, item in enumerate(self.items) if mentions(query, item)}
-            sections.append(("Photos and recordings the user sent (from their notes):",
+            sections.append(("Photos, recordings and documents the user sent (from their notes):",
                              [_item_line(item, full=i in wanted) for i, item in enumerate(self.items)]))
         lines = _fit(sections, query, score, count_tokens, room)
         candidates = [d for d in dropped if d.text.strip()]
@@ -191,7 +191,8 @@ def mentions(query: str, item: Item) -> bool:
 
 _COMMON = {"photo", "image", "text", "read", "from", "with", "that", "this", "what", "there", "about",
            "voice", "message", "recording", "said", "user", "their", "colours", "colors", "size", "pixels",
-           "brightness", "bright", "dark", "detected", "language", "english", "speech"}
+           "brightness", "bright", "dark", "detected", "language", "english", "speech",
+           "document", "page", "pages", "characters", "scanned", "titled", "begins"}
 
 
 # -- relevance without an embedder ----------------------------------------------------------------

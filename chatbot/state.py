@@ -40,6 +40,7 @@ class Role(str, Enum):
 class AttachmentKind(str, Enum):
     IMAGE = "image"
     AUDIO = "audio"
+    DOCUMENT = "document"  # a PDF
 
 
 class ObservationKind(str, Enum):
@@ -53,7 +54,8 @@ class ObservationKind(str, Enum):
     OBJECTS = "objects"  # things found in the picture (an object detector), counted, with positions
     FACES = "faces"
     CATS = "cats"
-    FACTS = "facts"  # size, colours, brightness, EXIF
+    FACTS = "facts"  # size, colours, brightness, EXIF; a document's pages, title and scanned pages
+    DOCUMENT = "document"  # a document's text: its beginning, and what was left out
 
 
 # Notes that say what a photo shows (the rest, size and colours, do not).
@@ -61,9 +63,10 @@ _SEEN_IN_PHOTOS = {ObservationKind.LABELS, ObservationKind.OBJECTS, ObservationK
                    ObservationKind.FACES, ObservationKind.CATS}
 
 # What a user calls each kind of attachment; used for numbering ("Photo 2").
-_KIND_LABEL = {AttachmentKind.IMAGE: "Photo", AttachmentKind.AUDIO: "Recording"}
+_KIND_LABEL = {AttachmentKind.IMAGE: "Photo", AttachmentKind.AUDIO: "Recording", AttachmentKind.DOCUMENT: "Document"}
 # An assistant's own media (a spoken reply) are numbered apart from the user's.
-_ASSISTANT_LABEL = {AttachmentKind.IMAGE: "Image", AttachmentKind.AUDIO: "Spoken reply"}
+_ASSISTANT_LABEL = {AttachmentKind.IMAGE: "Image", AttachmentKind.AUDIO: "Spoken reply",
+                    AttachmentKind.DOCUMENT: "Document"}
 
 
 def new_id() -> str:
@@ -117,9 +120,15 @@ class Turn:
     def notes_for(self, attachment: Attachment) -> list[Observation]:
         return [o for o in self.observations if o.attachment == attachment.sha256]
 
-    def attachment_note(self, attachment: Attachment) -> str:
-        """One bracketed line that tells the decoder what an attachment holds."""
+    def attachment_note(self, attachment: Attachment, brief: bool = False) -> str:
+        """One bracketed line that tells the decoder what an attachment holds (`brief`: a document's
+        text shortened, for the condensed note of dropped turns)."""
         notes = self.notes_for(attachment)
+        if attachment.kind is AttachmentKind.DOCUMENT:
+            about, text = _document_parts(notes)
+            text = _shorten(text, _BRIEF_DOCUMENT_CHARS) if brief else text
+            return (f"[{attachment.label}, the user's {_ordinal(attachment.label)} document ({about}). Its text:]\n"
+                    f"{text or '(no text)'}\n[End of {attachment.label}.]")
         if attachment.kind is AttachmentKind.AUDIO:
             # The transcript is the user's own words: leave it unbracketed so the model answers it.
             spoken = " ".join(o.text for o in notes if o.kind is ObservationKind.TRANSCRIPT).strip()
@@ -141,6 +150,10 @@ class Turn:
                 spoken = " ".join(o.text for o in notes if o.kind is ObservationKind.TRANSCRIPT).strip()
                 note = f'a voice message; the user said: "{spoken}"' if spoken else "a voice message without speech"
                 names = (f"{ordinal} recording", f"{ordinal} voice message", "voice message", "recording")
+            elif a.kind is AttachmentKind.DOCUMENT:
+                about, text = _document_parts(notes)
+                note = f'{about}; it begins: "{_shorten(text, _ITEM_DOCUMENT_CHARS)}"'
+                names = (f"{ordinal} document", f"{ordinal} pdf", f"{ordinal} file", "document", "pdf")
             else:
                 note = _photo_details(notes)
                 names = (f"{ordinal} photo", f"{ordinal} picture", f"{ordinal} image")
@@ -336,7 +349,7 @@ class Conversation:
         if not dropped:
             return ""
         header = "Earlier in this conversation (condensed):"
-        facts = [f"- {t.attachment_note(a)}" for t in dropped if t.role is Role.USER for a in t.attachments]
+        facts = [f"- {t.attachment_note(a, brief=True)}" for t in dropped if t.role is Role.USER for a in t.attachments]
         said = [f'- The user said: "{_shorten(t.text, 200)}"' for t in reversed(dropped)
                 if t.role is Role.USER and t.text]
         lines = [header] + facts
@@ -373,6 +386,18 @@ def _history_budget(budget: int) -> int:
     still leave the state room for a few facts.
     """
     return budget - max(budget // 6, min(128, budget // 3))
+
+
+# A document's text in the condensed note of dropped turns, and in the tracked state's list of
+# attachments (whole there only when the newest message names the document).
+_BRIEF_DOCUMENT_CHARS = 300
+_ITEM_DOCUMENT_CHARS = 600
+
+
+def _document_parts(notes: list[Observation]) -> tuple[str, str]:
+    """A document's facts line and its text (excerpt), from its notes."""
+    about = "; ".join(o.text for o in notes if o.kind is ObservationKind.FACTS) or "a PDF"
+    return about, "\n".join(o.text for o in notes if o.kind is ObservationKind.DOCUMENT)
 
 
 def _photo_details(notes: list[Observation]) -> str:

@@ -324,7 +324,7 @@ class ConversationStore:
         """Store an exported conversation for `owner` under fresh ids and return it.
 
         Everything is checked before anything is written: the document's shape,
-        types and sizes; every attached file must be a photo or recording (by its
+        types and sizes; every attached file must be a photo, recording or PDF (by its
         content) matching its SHA-256. A file sent by reference (hash only) must be
         one this owner already has. A failure raises UserFacingError and stores nothing.
         """
@@ -386,7 +386,7 @@ class ConversationStore:
                 raise UserFacingError(f"The attachment '{name}' does not match its checksum.")
             fmt = media.sniff_bytes(content)
         if fmt is None:
-            raise UserFacingError(f"The attachment '{name}' is not an image or recording this app accepts.")
+            raise UserFacingError(f"The attachment '{name}' is not an image, recording or PDF this app accepts.")
         return fmt, content
 
     def _owned_file(self, owner: str, sha: str) -> Path | None:

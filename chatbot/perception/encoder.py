@@ -1,7 +1,8 @@
 """The multimodal encoder: turns what a user sent (text + files) into a user `Turn`.
 
 Photos go through the vision analyzers, recordings through the speech
-recogniser; what they yield is kept as `Observation`s on the turn. Each file
+recogniser, PDFs through the document reader (scanned pages through the OCR
+analyzer); what they yield is kept as `Observation`s on the turn. Each file
 is analysed once: results are cached by content hash, so the same photo sent
 again (or a conversation re-encoded) costs nothing.
 """
@@ -27,8 +28,8 @@ from chatbot.state import (
 
 log = logging.getLogger(__name__)
 
-NOT_MEDIA = ("'{name}' is not an image or recording I can read. Please send a photo (JPEG, PNG, WebP, GIF, BMP "
-             "or TIFF) or a recording (WAV, MP3, OGG/Opus, WebM, M4A/AAC or FLAC).")
+NOT_MEDIA = ("'{name}' is not an image, recording or PDF I can read. Please send a photo (JPEG, PNG, WebP, GIF, "
+             "BMP or TIFF), a recording (WAV, MP3, OGG/Opus, WebM, M4A/AAC or FLAC) or a PDF document.")
 
 
 @dataclass(frozen=True)
@@ -40,6 +41,7 @@ class Limits:
     max_image_mb: float = 20.0
     max_image_megapixels: float = 40.0
     max_audio_seconds: float = 300.0
+    max_document_pages: int = 100  # each page is parsed (text pages take milliseconds, scanned ones OCR)
 
 
 class MultimodalEncoder:
@@ -94,7 +96,9 @@ class MultimodalEncoder:
             kind, notes = cached
         else:
             kind = fmt.kind
-            notes = self._describe_image(path, once=True) if kind is AttachmentKind.IMAGE else self._transcribe(path)
+            read = {AttachmentKind.IMAGE: lambda p: self._describe_image(p, once=True),
+                    AttachmentKind.AUDIO: self._transcribe, AttachmentKind.DOCUMENT: self._read_document}[kind]
+            notes = read(path)
             self._remember(sha, kind, notes)
         if kind is AttachmentKind.IMAGE and any(a.wants_question for a in self.analyzers):
             notes = notes + self._answers(path, sha, question)
@@ -127,6 +131,22 @@ class MultimodalEncoder:
             except Exception:  # noqa: BLE001 - one failing analyzer must not lose the photo
                 log.exception("Image analyzer %s failed on %s", analyzer.name, path.name)
         return notes
+
+    def _read_document(self, path: Path) -> list[Observation]:
+        from chatbot.perception.documents import load_document
+        from chatbot.perception.vision.ocr import TextReader
+
+        ocr = next((a for a in self.analyzers if isinstance(a, TextReader)), None)
+        doc = load_document(path, max_bytes=int(self.limits.max_file_mb * 2**20),
+                            max_pages=self.limits.max_document_pages,
+                            max_pixels=int(self.limits.max_image_megapixels * 1e6),
+                            read_image=ocr.read_lines if ocr else None)
+        if not doc.chars:
+            what = "only pictures with no words I could read" if any(p.scanned for p in doc.pages) else "no text"
+            raise UserFacingError(f"I couldn't find any text in '{path.name}': it has {what}. "
+                                  "Please send a clearer scan or a PDF with text.")
+        return [Observation(kind=ObservationKind.FACTS, text=doc.about(), source="pdf"),
+                Observation(kind=ObservationKind.DOCUMENT, text=doc.excerpt(), source="pdf")]
 
     def _transcribe(self, path: Path) -> list[Observation]:
         if self.recognizer is None:

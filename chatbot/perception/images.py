@@ -52,7 +52,7 @@ def load_image(path: str | Path, *, max_bytes: int = 20 * 2**20, max_pixels: int
             frames = getattr(opened, "n_frames", 1)
             opened.load()
             exif = _exif_facts(opened)
-            rgb = _to_rgb(_upright(opened))
+            rgb = to_rgb(_upright(opened))
     except UserFacingError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
@@ -120,7 +120,7 @@ def _upright(image: Image.Image) -> Image.Image:
         return image
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
+def to_rgb(image: Image.Image) -> Image.Image:
     """Any Pillow mode as 8-bit RGB: transparency onto white, high bit depths scaled down."""
     mode = image.mode
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):

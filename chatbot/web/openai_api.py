@@ -160,8 +160,8 @@ def _part(part, where: str, role: Role, stem: Path) -> str | Path:
     kind = part.get("type") if isinstance(part, dict) else None
     if kind == "text" and isinstance(part.get("text"), str):
         return part["text"]
-    if role is not Role.USER and kind in ("image_url", "input_audio"):
-        raise ApiError(400, f"{where}: only user messages may carry images or audio.", param=where)
+    if role is not Role.USER and kind in ("image_url", "input_audio", "file"):
+        raise ApiError(400, f"{where}: only user messages may carry images, audio or files.", param=where)
     if kind == "image_url":
         url = (part.get("image_url") or {}).get("url") if isinstance(part.get("image_url"), dict) else None
         match = _DATA_URL.fullmatch(url or "")
@@ -180,7 +180,15 @@ def _part(part, where: str, role: Role, stem: Path) -> str | Path:
             raise ApiError(400, f"{where}: input_audio needs base64 'data' and a 'format' of wav or mp3.",
                            param=where)
         return _write(stem.with_suffix(suffix), audio["data"], where)
-    raise ApiError(400, f"{where}: unsupported content part (use text, image_url or input_audio).", param=where)
+    if kind == "file":
+        file = part.get("file") if isinstance(part.get("file"), dict) else {}
+        match = _DATA_URL.fullmatch(file.get("file_data") or "") if isinstance(file.get("file_data"), str) else None
+        if not match or match["type"].lower() != "application/pdf":
+            raise ApiError(400, f"{where}: files must be PDFs sent inline as file_data "
+                           "(data:application/pdf;base64,...); this server keeps no uploaded files (file_id).",
+                           param=where)
+        return _write(stem.with_suffix(".pdf"), match["data"], where)
+    raise ApiError(400, f"{where}: unsupported content part (use text, image_url, input_audio or file).", param=where)
 
 
 def _write(path: Path, encoded: str, where: str) -> Path:

@@ -75,6 +75,9 @@ def _turn_content(turn: Turn) -> list:
         if attachment.kind is AttachmentKind.AUDIO and turn.role is Role.USER:
             spoken = " ".join(o.text for o in turn.notes_for(attachment) if o.kind is ObservationKind.TRANSCRIPT)
             parts.append(f"🎤 *{spoken}*" if spoken else "🎤 *(no words recognised)*")
+        if attachment.kind is AttachmentKind.DOCUMENT:  # shown as a download link named by its hash
+            name = html.escape(re.sub(r"[*_`\[\]\\]", "", attachment.name))  # a file name, not markdown
+            parts.append(f"*{attachment.label}: {name}*")
     text = turn.text + ("\n\n*(stopped)*" if turn.interrupted else "")
     text += "\n\n*(cut short at the length limit: press Continue for more)*" if turn.cut else ""
     if text.strip():
@@ -460,8 +463,8 @@ class ChatPage:
     def input_row(self) -> gr.MultimodalTextbox:
         """The message box; override to put more controls (e.g. voice) beside it."""
         box = gr.MultimodalTextbox(
-            sources=["upload", "microphone"], file_types=["image", "audio"], file_count="multiple",
-            placeholder="Type a message, attach photos, or record your voice…", show_label=False,
+            sources=["upload", "microphone"], file_types=["image", "audio", ".pdf"], file_count="multiple",
+            placeholder="Type a message, attach photos or PDFs, or record your voice…", show_label=False,
             autofocus=True, stop_btn=False, elem_id="message-box")
         gr.Examples(examples=_EXAMPLES, inputs=box, label="Try", example_labels=_EXAMPLE_LABELS)
         return box

@@ -77,7 +77,7 @@ def test_an_imported_html_or_svg_file_runs_no_script_in_the_browser(server, brow
     for content, name in ((HTML, "invoice.html"), (SVG, "logo.svg")):
         document = tmp_path / f"{name}.json"
         document.write_text(json.dumps(export_with(content, name)))
-        with pytest.raises(Exception, match="not an image or recording"):
+        with pytest.raises(Exception, match="not an image, recording or PDF"):
             attacker.predict(handle_file(str(document)), api_name="/import")
     # Whatever got into the media folder (by that import, or left by an older version) is served, not run.
     for content, suffix in ((HTML, "html"), (SVG, "svg")):
@@ -156,7 +156,7 @@ def test_data_uploads_and_exports_are_private(server, tmp_path):
     refused = tmp_path / "holiday.png"
     refused.write_bytes(b"<html>" + marker + b"</html>")
     chat = api_send(client, "what is this", (refused,))
-    assert "not an image or recording" in text_of(chat[-1])
+    assert "not an image, recording or PDF" in text_of(chat[-1])
     leftovers = [p for root in (data / "tmp", Path("/tmp/gradio")) if root.exists()
                  for p in root.rglob("holiday.png") if p.is_file() and marker in p.read_bytes()]
     assert leftovers == []

@@ -65,7 +65,7 @@ def assert_nothing_stored(store: ConversationStore, owner: str = ANA) -> None:
 # -- stored XSS: only photos and recordings get in, under a name from their content --------------
 @pytest.mark.parametrize("content, name", [(HTML, "page.html"), (SVG, "drawing.svg"), (b"MZ\x90\x00", "x.exe")])
 def test_import_refuses_files_that_are_not_photos_or_recordings(store, content, name):
-    with pytest.raises(UserFacingError, match="not an image or recording"):
+    with pytest.raises(UserFacingError, match="not an image, recording or PDF"):
         store.import_json(ANA, json.dumps(document({"f": content}, name=name)))
     assert_nothing_stored(store)
 
@@ -82,7 +82,7 @@ def test_encoder_names_uploads_by_content_and_refuses_other_files(tmp_path):
     encoder = MultimodalEncoder(tmp_path / "media")
     page = tmp_path / "cat.jpg"
     page.write_bytes(HTML)
-    with pytest.raises(UserFacingError, match="not an image or recording"):
+    with pytest.raises(UserFacingError, match="not an image, recording or PDF"):
         encoder.encode("", [page])
     assert not (tmp_path / "media").exists()
 

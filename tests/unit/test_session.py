@@ -92,7 +92,7 @@ def test_owner_keys_are_hashed_and_must_be_long():
     ("missing.png", None, "couldn't find"),
     ("empty.wav", b"", "empty"),
     ("voice.wav", b"RIFF" + bytes(4) + b"WAVE" + bytes(56), "Voice messages are turned off"),
-    ("page.png", b"<html><script>alert(1)</script>", "not an image or recording"),
+    ("page.png", b"<html><script>alert(1)</script>", "not an image, recording or PDF"),
 ])
 def test_bad_input_becomes_a_notice_and_keeps_the_conversation(service, store, tmp_path, name, content, expected):
     if content is not None:
