@@ -155,10 +155,10 @@ def test_prefill_gives_way_to_a_reply_waiting_for_the_model(generator, monkeypat
 @pytest.mark.parametrize("read_ahead", [True, False])
 def test_turns_where_the_window_moves_read_only_their_tail_when_read_ahead(tiny_causal_dir, tmp_path, monkeypatch,
                                                                            read_ahead):
-    if not read_ahead:
-        monkeypatch.setattr(Conversation, "render_ahead", lambda *args: None)
     monkeypatch.setattr(decoder, "PREFILL_CHUNK", 10_000)  # a reply reads its prompt in one pass: lengths[0]
     generator = load_generator(str(tiny_causal_dir), max_context=600)
+    if not read_ahead:
+        monkeypatch.setattr(generator, "prefill", lambda messages: None)
     store = ConversationStore(tmp_path / "data")
     service = ChatService(MultimodalEncoder(store.media_dir), generator, store, GenerationSettings(8, temperature=0),
                           system_prompt=SYSTEM.content)
