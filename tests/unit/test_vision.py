@@ -340,6 +340,77 @@ def blip_vqa_dir(tmp_path_factory) -> Path:
     return _tiny_blip(tmp_path_factory.mktemp("models") / "tiny-blip-vqa", "BlipForQuestionAnswering")
 
 
+# A chat template that places each image part where the processor expands it into image tokens.
+_CHAT_WITH_IMAGES = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}{{ m['content'] }}"
+    "{% else %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<image>{% else %}{{ c['text'] }}"
+    "{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def chat_vlm_dir(tmp_path_factory) -> Path:
+    """A randomly initialised LLaVA-layout chat vision-language model (CLIP vision tower, tiny Qwen2 text
+    model, chat template), saved like a hub checkpoint: the branch SmolVLM / LLaVA / Qwen2-VL users take."""
+    import torch
+    from transformers import (
+        AutoConfig,
+        AutoTokenizer,
+        CLIPImageProcessor,
+        CLIPVisionConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+        LlavaProcessor,
+    )
+
+    from tests.support.tiny_models import build_tiny_causal
+
+    folder = tmp_path_factory.mktemp("models") / "tiny-llava"
+    text = build_tiny_causal(folder / "text-model")
+    tokenizer = AutoTokenizer.from_pretrained(text)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    processor = LlavaProcessor(
+        image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+        tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy="default", num_additional_image_tokens=1,
+        chat_template=_CHAT_WITH_IMAGES, image_token="<image>")
+    text_config = AutoConfig.from_pretrained(text)
+    text_config.vocab_size = len(tokenizer)
+    config = LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2,
+                                       image_size=32, patch_size=8, projection_dim=16),
+        text_config=text_config, image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        vision_feature_layer=-1, vision_feature_select_strategy="default")
+    torch.manual_seed(0)
+    model = LlavaForConditionalGeneration(config)
+    with torch.no_grad():  # wide random weights, so it writes words rather than one token forever
+        for parameter in model.parameters():
+            parameter.normal_(0.0, 0.5)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def test_chat_vision_language_model_sees_the_photo_and_is_asked_the_users_question(chat_vlm_dir: Path):
+    captioner = Captioner(str(chat_vlm_dir))
+    assert captioner.wants_question
+    asked = []
+    generate = captioner._model.generate
+
+    def spy(**inputs):
+        asked.append(inputs)
+        return generate(**inputs)
+
+    captioner._model.generate = spy
+    [note] = captioner.analyze(_loaded(_photo_like(640, 480)), "What colour is the sky?")
+
+    prompt = captioner._processor.tokenizer.decode(asked[0]["input_ids"][0])
+    assert "What colour is the sky?" in prompt and prompt.count("<image>") == 16  # the photo as 4×4 patches
+    assert asked[0]["pixel_values"].shape[-2:] == (32, 32)
+    assert note.text.startswith('an image model asked "What colour is the sky?" answered: ')
+    answer = note.text.split("answered: ", 1)[1]
+    assert answer and "colour is the sky" not in answer  # the reply alone, not the prompt repeated first
+
+
 def _caption_words(observations, prefix: str) -> list[str]:
     assert [o.kind for o in observations] == ["caption"]
     text = observations[0].text
