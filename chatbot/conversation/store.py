@@ -41,11 +41,14 @@ from chatbot.state import (
     Turn,
 )
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 EXPORT_FORMAT = "multimodal-chatbot/conversation"
+EXPORT_VERSION = 2  # the document's own version (schema version 3 added only the search index)
 EXPORT_VERSIONS = (1, 2)  # version 1 exports lack `cut` (which defaults to false)
-# Steps from each older schema version to the next.
-_MIGRATIONS = {1: ["ALTER TABLE turns ADD COLUMN cut INTEGER NOT NULL DEFAULT 0"]}
+# Steps from each older schema version to the next; SEARCH_INDEX stands for the dialect's search index.
+SEARCH_INDEX = "search index"
+_MIGRATIONS = {1: ["ALTER TABLE turns ADD COLUMN cut INTEGER NOT NULL DEFAULT 0"], 2: [SEARCH_INDEX]}
+MAX_SEARCH_WORDS = 16
 
 _SCHEMA = """
 CREATE TABLE conversations (
@@ -155,9 +158,11 @@ class ConversationStore:
             version = self._db.schema_version()
             if version == 0:
                 self._db.execute_ddl(_SCHEMA)
+                self._db.create_search_index()
                 self._db.set_schema_version(SCHEMA_VERSION)
             while version in _MIGRATIONS:
-                self._db.execute_ddl(";".join(_MIGRATIONS[version]))
+                for step in _MIGRATIONS[version]:
+                    self._db.create_search_index() if step == SEARCH_INDEX else self._db.execute_ddl(step)
                 version += 1
                 self._db.set_schema_version(version)
             if version not in (0, SCHEMA_VERSION):
@@ -196,6 +201,7 @@ class ConversationStore:
             self._db.execute("DELETE FROM turns WHERE conversation_id = ?", (conv.id,))
             for position, turn in enumerate(conv.turns):
                 self._insert_turn(conv.id, position, turn)
+            self._db.index_conversation(conv.id)
         self._collect(dropped)
 
     def append(self, owner: str, conv_id: str, position: int, turns: list[Turn]) -> bool:
@@ -213,6 +219,7 @@ class ConversationStore:
             for offset, turn in enumerate(turns):
                 self._insert_turn(conv_id, position + offset, turn)
             self._db.execute("UPDATE conversations SET updated = ? WHERE id = ?", (time.time(), conv_id))
+            self._db.index_conversation(conv_id)
             return True
 
     def replace_last(self, owner: str, conv_id: str, position: int, turn: Turn) -> bool:
@@ -231,6 +238,7 @@ class ConversationStore:
             self._db.execute("DELETE FROM turns WHERE conversation_id = ? AND position = ?", (conv_id, position))
             self._insert_turn(conv_id, position, turn)
             self._db.execute("UPDATE conversations SET updated = ? WHERE id = ?", (time.time(), conv_id))
+            self._db.index_conversation(conv_id)
             return True
 
     def load(self, owner: str, conv_id: str) -> Conversation:
@@ -265,12 +273,32 @@ class ConversationStore:
                 (owner,)).fetchall()
         return [ConversationSummary(r["id"], r["title"], r["created"], r["updated"], r["turns"]) for r in rows]
 
+    def search(self, owner: str, query: str, limit: int = 50) -> list[ConversationSummary]:
+        """The owner's conversations whose title or text (typed, or the transcript of a recording) has
+        every word of `query`, the last word also as a prefix (search as you type); most recent first.
+
+        The query is words only: punctuation and search-syntax characters separate words and are
+        never passed on as syntax, so no query can fail or reach another owner's conversations.
+        """
+        words = search_words(query)
+        if not words:
+            return []
+        condition, params = self._db.search_condition(words)
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT c.id, c.title, c.created, c.updated,"
+                " (SELECT count(*) FROM turns t WHERE t.conversation_id = c.id) AS turns"
+                f" FROM conversations c WHERE c.owner = ? AND {condition}"
+                " ORDER BY c.updated DESC, c.created DESC LIMIT ?", (owner, *params, int(limit))).fetchall()
+        return [ConversationSummary(r["id"], r["title"], r["created"], r["updated"], r["turns"]) for r in rows]
+
     def rename(self, owner: str, conv_id: str, title: str) -> None:
         with self._transaction():
             cursor = self._db.execute("UPDATE conversations SET title = ?, updated = ? WHERE id = ? AND owner = ?",
                                       (title, time.time(), conv_id, owner))
             if cursor.rowcount == 0:
                 raise ConversationNotFound()
+            self._db.index_conversation(conv_id)
 
     def delete(self, owner: str, conv_id: str) -> bool:
         """Delete the conversation with its turns; False if the owner has no such conversation.
@@ -280,6 +308,7 @@ class ConversationStore:
         with self._transaction():
             dropped = self._shas(conv_id, owner)
             cursor = self._db.execute("DELETE FROM conversations WHERE id = ? AND owner = ?", (conv_id, owner))
+            self._db.index_conversation(conv_id)
         self._collect(dropped)
         return cursor.rowcount > 0
 
@@ -315,7 +344,7 @@ class ConversationStore:
                 attachment["path"] = self._relative(path)
                 if include_files:
                     files[attachment["sha256"]] = base64.b64encode(path.read_bytes()).decode("ascii")
-        document = {"format": EXPORT_FORMAT, "version": SCHEMA_VERSION, "conversation": data}
+        document = {"format": EXPORT_FORMAT, "version": EXPORT_VERSION, "conversation": data}
         if include_files:
             document["files"] = files
         return json.dumps(document, ensure_ascii=False, indent=1, sort_keys=True)
@@ -598,6 +627,21 @@ def _flag(value, where: str) -> bool:
     return value
 
 
+# -- search --------------------------------------------------------------------------------------
+def search_words(query: str) -> list[str]:
+    """The words of a search query, lower-cased: runs of letters and digits (as both databases split text)."""
+    return [w.lower() for w in re.findall(r"[^\W_]+", query or "")][:MAX_SEARCH_WORDS]
+
+
+# The searchable text of a conversation (SQLite's index holds one row per conversation): its turns'
+# words and its recordings' transcripts; notices (refusals shown in the chat) are not the dialogue.
+_SEARCH_BODY = (
+    "(SELECT group_concat(words, char(10)) FROM ("
+    " SELECT t.text AS words FROM turns t WHERE t.conversation_id = c.id AND t.notice = 0"
+    " UNION ALL SELECT o.text FROM observations o JOIN turns t ON t.key = o.turn_key"
+    " WHERE t.conversation_id = c.id AND t.notice = 0 AND o.kind = 'transcript'))")
+
+
 # -- the two databases: everything that differs between their SQL is here -----------------------
 class _SQLite:
     """A file in the data directory, in WAL mode: one server process (or a few on one machine)."""
@@ -634,6 +678,25 @@ class _SQLite:
         # Statement by statement: executescript() would commit the open transaction.
         for statement in filter(str.strip, script.split(";")):
             self.conn.execute(statement)
+
+    def create_search_index(self) -> None:
+        """An FTS5 table with one row per conversation (title, body), filled from what is stored."""
+        self.conn.execute("CREATE VIRTUAL TABLE conversation_search USING fts5(conversation_id UNINDEXED, title, body)")
+        self.conn.execute("INSERT INTO conversation_search (conversation_id, title, body)"
+                          f" SELECT c.id, c.title, coalesce({_SEARCH_BODY}, '') FROM conversations c")
+
+    def index_conversation(self, conv_id: str) -> None:
+        """Bring the conversation's search row up to date (none once it is deleted); inside the write."""
+        self.conn.execute("DELETE FROM conversation_search WHERE conversation_id = ?", (conv_id,))
+        self.conn.execute("INSERT INTO conversation_search (conversation_id, title, body)"
+                          f" SELECT c.id, c.title, coalesce({_SEARCH_BODY}, '') FROM conversations c WHERE c.id = ?",
+                          (conv_id,))
+
+    def search_condition(self, words: list[str]) -> tuple[str, tuple]:
+        # Each word quoted as an FTS5 string (words hold no quotes), the last one also as a prefix.
+        match = " ".join([*(f'"{w}"' for w in words[:-1]), f'"{words[-1]}"*'])
+        return ("c.id IN (SELECT conversation_id FROM conversation_search WHERE conversation_search MATCH ?)",
+                (match,))
 
     def close(self) -> None:
         self.conn.close()
@@ -687,6 +750,27 @@ class _Postgres:
                   .replace(" REAL ", " DOUBLE PRECISION "))
         for statement in filter(str.strip, script.split(";")):
             self.conn.execute(statement)
+
+    def create_search_index(self) -> None:
+        """Full-text indexes PostgreSQL keeps up to date itself (GIN over `to_tsvector('simple', …)`)."""
+        for table, column, where in (("conversations", "title", ""), ("turns", "text", ""),
+                                     ("observations", "text", " WHERE kind = 'transcript'")):
+            self.conn.execute(f"CREATE INDEX {table}_search ON {table} USING gin (to_tsvector('simple', {column})){where}")
+
+    def index_conversation(self, conv_id: str) -> None:
+        """Nothing to do: the indexes follow the tables."""
+
+    def search_condition(self, words: list[str]) -> tuple[str, tuple]:
+        # Every word somewhere in the conversation: its title, a turn, or a recording's transcript.
+        # Each word is one quoted lexeme of a tsquery; the last also matches as a prefix.
+        per_word = ("(to_tsvector('simple', c.title) @@ to_tsquery('simple', ?)"
+                    " OR EXISTS (SELECT 1 FROM turns t WHERE t.conversation_id = c.id AND t.notice = 0"
+                    " AND to_tsvector('simple', t.text) @@ to_tsquery('simple', ?))"
+                    " OR EXISTS (SELECT 1 FROM observations o JOIN turns t ON t.key = o.turn_key"
+                    " WHERE t.conversation_id = c.id AND t.notice = 0 AND o.kind = 'transcript'"
+                    " AND to_tsvector('simple', o.text) @@ to_tsquery('simple', ?)))")
+        queries = [f"'{w}'" for w in words[:-1]] + [f"'{words[-1]}':*"]
+        return " AND ".join([per_word] * len(queries)), tuple(q for q in queries for _ in range(3))
 
     def close(self) -> None:
         self.conn.close()

@@ -74,7 +74,7 @@ def test_database_uses_wal_foreign_keys_and_a_schema_version(tmp_path):
     store = ConversationStore(tmp_path / "data")
     db = sqlite3.connect(store.path)
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-    assert db.execute("PRAGMA user_version").fetchone()[0] == 2
+    assert db.execute("PRAGMA user_version").fetchone()[0] == 3
     assert {"conversations", "turns", "attachments", "observations"} <= {
         r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     assert store._db.execute("PRAGMA foreign_keys").fetchone()[0] == 1
@@ -101,16 +101,22 @@ def test_attachment_paths_are_stored_relative_so_the_data_dir_can_move(store, op
     assert all(a.path.startswith(str(moved)) and open(a.path, "rb").read() for a in loaded.attachments())
 
 
-def test_a_version_1_database_is_migrated_in_place(store, open_store):
+def test_a_version_1_database_is_migrated_in_place(store, open_store, database):
     conv = sample(store)
     store.save(ANA, conv)
-    with store._transaction():  # the version 1 layout, written through the database's own dialect
+    with store._transaction():  # the version 1 layout (no `cut`, no search index), through the database's dialect
         store._db.execute("ALTER TABLE turns DROP COLUMN cut")
+        if database is None:
+            store._db.execute("DROP TABLE conversation_search")
+        else:
+            for table in ("conversations", "turns", "observations"):
+                store._db.execute(f"DROP INDEX {table}_search")
         store._db.set_schema_version(1)
     store.close()
     reopened = open_store(store.data_dir)
     loaded = reopened.load(ANA, conv.id)
     assert [t.text for t in loaded.turns] == [t.text for t in conv.turns] and not any(t.cut for t in loaded.turns)
+    assert [c.id for c in reopened.search(ANA, "sign")] == [conv.id]  # what was stored before is searchable
     reopened.save(ANA, conv)
     assert reopened.load(ANA, conv.id) == conv
 
@@ -328,3 +334,103 @@ def test_two_copies_on_one_database_share_conversations_and_race_safely(open_sto
         t.join()
     assert sorted(results) == [False, True]
     assert first.load(ANA, conv.id).turns[1] in replies and first.load(ANA, conv.id) == second.load(ANA, conv.id)
+
+
+# -- search ----------------------------------------------------------------------------------
+def chat(store: ConversationStore, owner: str, title: str, *texts: str) -> Conversation:
+    """A stored conversation of `owner`: the texts alternate user, assistant."""
+    conv = Conversation(title=title)
+    for i, text in enumerate(texts):
+        if i % 2 == 0:
+            conv.add_user_turn(Turn(role=Role.USER, text=text))
+        else:
+            conv.add_assistant_turn(text)
+    store.save(owner, conv)
+    return conv
+
+
+def found(store: ConversationStore, owner: str, query: str) -> list[str]:
+    return [c.title for c in store.search(owner, query)]
+
+
+def test_search_finds_titles_and_text_of_the_owners_conversations(store):
+    hike = chat(store, ANA, "Weekend hike", "Plan a walk near Sintra", "Take the Pena trail, about 9 km.")
+    chat(store, ANA, "Bread", "How is sourdough made?", "Mix flour, water and the starter.")
+    voice = sample(store)  # its recording says "what is the capital of France"
+    store.save(ANA, voice)
+    assert found(store, ANA, "weekend") == ["Weekend hike"]  # the title
+    assert found(store, ANA, "SINTRA") == ["Weekend hike"]  # the user's words, any case
+    assert found(store, ANA, "pena trail") == ["Weekend hike"]  # the bot's words; every word must match
+    assert found(store, ANA, "sintra trail") == ["Weekend hike"]  # words from different turns of one chat
+    assert found(store, ANA, "sintra sourdough") == []
+    assert found(store, ANA, "sourd") == ["Bread"]  # the last word as typed so far (a prefix)
+    assert found(store, ANA, "capital france") == [voice.title]  # a recording's transcript
+    assert found(store, ANA, "   ") == [] and found(store, ANA, "") == []
+    store.append(ANA, hike.id, len(hike.turns), [Turn(role=Role.USER, text="and the bread?")])
+    assert found(store, ANA, "bread") == ["Weekend hike", "Bread"]  # most recently changed first
+
+
+def test_search_never_shows_another_owners_conversation(store):
+    chat(store, ANA, "Ana's secret", "my bank pin is zebra-4417", "Noted.")
+    chat(store, BEN, "Ben's chat", "zebra crossings")
+    assert found(store, BEN, "zebra") == ["Ben's chat"]
+    for query in ("4417", "bank pin", "secret", "Ana", "' OR 1=1 --", '" OR owner:*', "*"):
+        assert found(store, BEN, query) == [], query
+    assert found(store, ANA, "zebra") == ["Ana's secret"]
+    assert found(store, "key:nobody", "zebra") == []
+
+
+HOSTILE_QUERIES = ['"', '""', "'", "*", "sign*", '"sign', "NEAR(", "NEAR(sign say", "-sign", "sign -say", "+sign",
+                   "sign AND", "OR", "NOT sign", "sign OR say", "(sign", "sign)", "title:sign", "^sign", "{title}: x",
+                   "say & sign | !x", "sign:*", "\\", "%", "_", "a_b", "\x00", "sign\x00say", "🙂", "';DROP TABLE turns;--",
+                   "(" * 500, "sign " * 200, "ü" * 5000]
+
+
+@pytest.mark.parametrize("query", HOSTILE_QUERIES)
+def test_hostile_search_queries_are_only_words(store, query):
+    conv = chat(store, ANA, "Signs", "What does the sign say?", "It says OPEN.")
+    chat(store, BEN, "Signs too", "What does the sign say?")
+    assert all(c.id == conv.id for c in store.search(ANA, query))  # never an error, never Ben's
+    assert store.load(ANA, conv.id) == conv
+
+
+@pytest.mark.parametrize("query", ['"sign', 'sign"', "sign*", "-sign", "+sign", "(sign", "NEAR(sign say", "sign:*",
+                                   "sign -say", "say & sign", "sign OR", "'sign'", "SIGN!"])
+def test_search_syntax_characters_are_taken_as_separators(store, query):
+    conv = chat(store, ANA, "Signs", "What does the sign say? or near", "It says OPEN.")
+    assert [c.id for c in store.search(ANA, query)] == [conv.id]
+
+
+def test_search_follows_every_change(store, tmp_path):
+    conv = chat(store, ANA, "Trip", "Lisbon or Porto?", "Porto has the river.")
+    assert found(store, ANA, "porto") == ["Trip"]
+    # A continued reply replaces the last turn.
+    longer = Turn(role=Role.ASSISTANT, text="Lisbon has the tram.", id=conv.turns[-1].id)
+    assert store.replace_last(ANA, conv.id, len(conv.turns) - 1, longer)
+    assert found(store, ANA, "river") == [] and found(store, ANA, "tram") == ["Trip"]
+    # Appended turns; then undone (saved without them).
+    assert store.append(ANA, conv.id, 2, [Turn(role=Role.USER, text="what about Faro?")])
+    assert found(store, ANA, "faro") == ["Trip"]
+    store.save(ANA, _without_last(store, conv))
+    assert found(store, ANA, "faro") == []
+    store.rename(ANA, conv.id, "Holiday")
+    assert found(store, ANA, "holiday") == ["Holiday"] and found(store, ANA, "trip") == []
+    # An imported copy is searchable for its new owner; a deleted conversation is not found any more.
+    store.import_json(BEN, store.export_json(ANA, conv.id))
+    assert found(store, BEN, "tram") == ["Holiday"]
+    assert store.delete(ANA, conv.id)
+    assert found(store, ANA, "tram") == [] and found(store, BEN, "tram") == ["Holiday"]
+
+
+def _without_last(store: ConversationStore, conv: Conversation) -> Conversation:
+    undone = store.load(ANA, conv.id)
+    undone.turns = undone.turns[:-1]
+    return undone
+
+
+def test_notices_are_not_searched(store):
+    conv = Conversation(title="Refused")
+    conv.turns += [Turn(role=Role.USER, text="broken.jpg", notice=True),
+                   Turn(role=Role.ASSISTANT, text="That file is not a photo.", notice=True)]
+    store.save(ANA, conv)
+    assert found(store, ANA, "photo") == [] and found(store, ANA, "refused") == ["Refused"]
