@@ -124,6 +124,10 @@ class ChatService:
     def conversations(self, owner: str) -> list[ConversationSummary]:
         return self.store.list(owner)
 
+    def search(self, owner: str, query: str) -> list[ConversationSummary]:
+        """The owner's conversations whose title or words match `query` (all of them for an empty query)."""
+        return self.store.search(owner, query) if query.strip() else self.store.list(owner)
+
     def rename(self, owner: str, conv_id: str, title: str) -> None:
         self.store.rename(owner, conv_id, clean_title(title))
 

@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 
 import gradio as gr
 
+from chatbot.conversation.listing import list_label
 from chatbot.conversation.owners import (
     MIN_KEY_LENGTH,
     ChatSession,
@@ -48,12 +49,20 @@ log = logging.getLogger(__name__)
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
 STATIC = Path(__file__).resolve().parent / "static"
 OWNER_STORAGE_KEY = "multimodal-chatbot-owner"
+LAST_CONVERSATION_KEY = "multimodal-chatbot-last-conversation"  # reopened after a reload
 FINISHED = "Reply finished."
 # While a reply runs the box offers Stop in place of Send (the two also look different: static/page.css).
 _BUSY_BOX = dict(interactive=False, submit_btn=False, stop_btn=True)
 _IDLE_BOX = dict(interactive=True, submit_btn=True, stop_btn=False)
 # After a reply the cursor goes back to the message box, ready for the next message.
 _FOCUS_BOX = "() => { setTimeout(() => document.querySelector('#message-box textarea')?.focus(), 50); }"
+# A new chat empties the title box in the browser at once: a name typed right after must not be wiped by
+# the server's answer to the click, which can come later.
+_EMPTY_TITLE = "() => ''"
+# Icons shipped with the page (static/page.css draws them), not emoji: a system without an emoji font shows
+# emoji as empty boxes. Each has a name for screen readers.
+MIC_ICON = '<span class="chat-icon chat-icon-mic" role="img" aria-label="Recording:"></span>'
+FILE_ICON = '<span class="chat-icon chat-icon-file" role="img" aria-label="File:"></span>'
 
 _EXAMPLES = [
     {"text": "Hi! My name is Ana and I love hiking. Can you suggest a short weekend plan?"},
@@ -74,11 +83,13 @@ def _turn_content(turn: Turn) -> list:
         parts.append({"path": attachment.path, "alt_text": attachment.label})
         if attachment.kind is AttachmentKind.AUDIO and turn.role is Role.USER:
             spoken = " ".join(o.text for o in turn.notes_for(attachment) if o.kind is ObservationKind.TRANSCRIPT)
-            parts.append(f"🎤 *{spoken}*" if spoken else "🎤 *(no words recognised)*")
+            parts.append(f"{MIC_ICON} *{spoken}*" if spoken else f"{MIC_ICON} *(no words recognised)*")
         if attachment.kind is AttachmentKind.DOCUMENT:  # shown as a download link named by its hash
             name = html.escape(re.sub(r"[*_`\[\]\\]", "", attachment.name))  # a file name, not markdown
             parts.append(f"*{attachment.label}: {name}*")
-    text = turn.text + ("\n\n*(stopped)*" if turn.interrupted else "")
+    # A refused message lists its files one per line, each marked 📎 (stored words; drawn as an icon here).
+    text = re.sub(r"^📎 ", FILE_ICON + " ", turn.text, flags=re.M) if turn.notice else turn.text
+    text += "\n\n*(stopped)*" if turn.interrupted else ""
     text += "\n\n*(cut short at the length limit: press Continue for more)*" if turn.cut else ""
     if text.strip():
         parts.append(text)
@@ -112,12 +123,6 @@ def _discard_uploads(files: list[str]) -> None:
 def _refused(conv: Conversation) -> bool:
     """Whether the last message sent was refused (it became a pair of notice turns)."""
     return len(conv.turns) >= 2 and conv.turns[-2].role is Role.USER and conv.turns[-2].notice
-
-
-def _user_error(fn, error: UserFacingError) -> gr.Error:
-    """What the person did wrong is one log line, not a traceback, and the reason shown to them."""
-    log.info("%s: %s", fn.__name__, error)
-    return gr.Error(str(error), print_exception=False)
 
 
 def _user_error(fn, error: UserFacingError) -> gr.Error:
@@ -178,9 +183,11 @@ class Controls:
 
     session: gr.State
     owner_key: gr.BrowserState
+    last_conversation: gr.BrowserState
     chatbot: gr.Chatbot
     box: gr.MultimodalTextbox
     conv_list: gr.Radio
+    search_box: gr.Textbox
     title_box: gr.Textbox
     new_btn: gr.Button
     rename_btn: gr.Button
@@ -227,20 +234,38 @@ class ChatPage:
             conv.title = session.title  # named before its first message: kept when that message stores it
         return owner, conv
 
-    def conversation_choices(self, owner: str) -> list[tuple[str, str]]:
-        return [(c.title or "Untitled", c.id) for c in self.service.conversations(owner)]
+    def conversation_choices(self, owner: str, query: str = "") -> list[tuple[str, str]]:
+        """The side panel's lines (title and day) of the owner's conversations that match `query`."""
+        now = time.time()
+        return [(list_label(c, now), c.id) for c in self.service.search(owner, query or "")]
 
-    def sidebar(self, session: ChatSession, request: gr.Request):
-        owner, conv = self.opened(session, request)
-        choices = self.conversation_choices(owner)
-        current = conv.id if any(cid == conv.id for _, cid in choices) else None
-        return gr.Radio(choices=choices, value=current), gr.Textbox(value=conv.title)
+    def conversation_list(self, session: ChatSession, request: gr.Request, query: str = "") -> gr.Radio:
+        owner = self.owner_of(session, request)
+        choices = self.conversation_choices(owner, query)
+        current = session.conversation_id if any(cid == session.conversation_id for _, cid in choices) else None
+        return gr.Radio(choices=choices, value=current)
 
-    def on_load(self, key: str | None, request: gr.Request):
+    def search_list(self, query: str, session: ChatSession, request: gr.Request) -> gr.Radio:
+        """The list as the search box is typed in."""
+        return self.conversation_list(session, request, query)
+
+    def sidebar(self, session: ChatSession, request: gr.Request, query: str = ""):
+        """The list (filtered by the search box) and the title of the open conversation.
+
+        A new chat without a name given leaves the title box as it is: it was emptied in the browser
+        when the chat began, and whatever the person has typed there since is theirs."""
+        _, conv = self.opened(session, request)
+        title = gr.Textbox(value=conv.title) if conv.turns or session.title else gr.skip()
+        return self.conversation_list(ChatSession(session.owner, conv.id), request, query), title
+
+    def on_load(self, key: str | None, last: str | None, request: gr.Request):
+        """Who this browser is, and its conversation in use before the reload (else the latest one) reopened."""
         if not isinstance(key, str) or len(key) < MIN_KEY_LENGTH:
             key = new_owner_key()
-        session = ChatSession(owner=resolve_owner(user=request.username, key=key))
-        return session, key, gr.Radio(choices=self.conversation_choices(session.owner), value=None)
+        owner = resolve_owner(user=request.username, key=key)
+        listed = [c.id for c in self.service.conversations(owner)]
+        reopened = last if isinstance(last, str) and last in listed else next(iter(listed), None)
+        return ChatSession(owner, reopened), key, self.stored_messages(owner, reopened)
 
     # -- turns ----------------------------------------------------------------------------
     def streamed(self, owner: str, conv: Conversation, replies: Iterable[str],
@@ -285,22 +310,23 @@ class ChatPage:
         return gr.MultimodalTextbox(**_BUSY_BOX), gr.HTML(status_html(self.waiting_words(), busy=True)), gr.Button(
             visible=False)
 
-    def after_reply(self, session: ChatSession, request: gr.Request):
+    def after_reply(self, session: ChatSession, query: str, request: gr.Request):
         """Side panel, status line ("Reply finished."), Continue and a free message box once a reply ended.
 
         The box is freed here too, as a reply that failed never sent its last update."""
-        return *self._after(session, request, FINISHED), gr.MultimodalTextbox(**_IDLE_BOX)
+        return *self._after(session, query, request, FINISHED), gr.MultimodalTextbox(**_IDLE_BOX)
 
-    def after_change(self, session: ChatSession, request: gr.Request):
+    def after_change(self, session: ChatSession, query: str, request: gr.Request):
         """The same after any other change (open, rename, undo...), with a quiet status line."""
-        return self._after(session, request, "")
+        return self._after(session, query, request, "")
 
-    def _after(self, session: ChatSession, request: gr.Request, words: str):
-        owner, conv = self.opened(session, request)
-        radio, title = self.sidebar(session, request)
+    def _after(self, session: ChatSession, query: str, request: gr.Request, words: str):
+        _, conv = self.opened(session, request)
+        radio, title = self.sidebar(session, request, query)
         return (radio, title, gr.HTML(status_html(words if conv.turns else "")), gr.Button(visible=_unfinished(conv)),
                 gr.File(value=None, visible=False),  # an earlier export link would be stale
-                gr.Column(visible=False))  # so would a question about deleting
+                gr.Column(visible=False),  # so would a question about deleting
+                conv.id if conv.turns else session.conversation_id)  # the conversation a reload reopens
 
     @_shown_errors
     def respond(self, message: dict | None, session: ChatSession, request: gr.Request):
@@ -373,8 +399,12 @@ class ChatPage:
         return session, listed
 
     def list_conversations(self, session: ChatSession, request: gr.Request) -> list[dict]:
+        return self.search_conversations("", session, request)
+
+    def search_conversations(self, query: str, session: ChatSession, request: gr.Request) -> list[dict]:
+        """The owner's conversations whose title or words match `query` (all for an empty one), newest first."""
         return [{"id": c.id, "title": c.title, "turns": c.turns, "created": c.created, "updated": c.updated}
-                for c in self.service.conversations(self.owner_of(session, request))]
+                for c in self.service.search(self.owner_of(session, request), query or "")]
 
     @_shown_errors
     def rename(self, title: str, session: ChatSession, request: gr.Request) -> ChatSession:
@@ -428,6 +458,8 @@ class ChatPage:
     def sidebar_panel(self) -> dict:
         with gr.Sidebar(label="Conversations", open=True):
             new_btn = gr.Button("New chat", variant="primary")
+            search_box = gr.Textbox(label="Search conversations", placeholder="Words from a title or a message",
+                                    max_lines=1, elem_id="conversation-search")
             conv_list = gr.Radio(label="Conversations", choices=[], elem_id="conversation-list")
             title_box = gr.Textbox(label="Title of this conversation", max_lines=1)
             with gr.Row():
@@ -443,7 +475,7 @@ class ChatPage:
                 export_btn = gr.Button("Export", size="sm")
                 import_btn = gr.UploadButton("Import", size="sm", file_types=[".json"], file_count="single")
             export_file = gr.File(label="Exported conversation", interactive=False, visible=False)
-        return dict(new_btn=new_btn, conv_list=conv_list, title_box=title_box, rename_btn=rename_btn,
+        return dict(new_btn=new_btn, conv_list=conv_list, search_box=search_box, title_box=title_box, rename_btn=rename_btn,
                     delete_btn=delete_btn, export_btn=export_btn, import_btn=import_btn, export_file=export_file,
                     confirm_row=confirm_row, confirm_text=confirm_text, confirm_yes=confirm_yes, confirm_no=confirm_no)
 
@@ -472,6 +504,7 @@ class ChatPage:
     def build(self) -> gr.Blocks:
         with gr.Blocks(title="Multimodal Chatbot") as demo:
             owner_key = gr.BrowserState(None, storage_key=OWNER_STORAGE_KEY, secret=self.browser_secret)
+            last_conversation = gr.BrowserState(None, storage_key=LAST_CONVERSATION_KEY, secret=self.browser_secret)
             # Per browser tab; holds ids only, so ending a session just stops its running reply.
             session = gr.State(ChatSession(), delete_callback=self.service.end_session)
             panel = self.sidebar_panel()
@@ -482,7 +515,8 @@ class ChatPage:
                 from chatbot.web.voice import add_voice_controls
 
                 add_voice_controls(self.service, self.voice, session, chatbot, box, self.owner_of, chat_messages)
-            self.wire(demo, Controls(session=session, owner_key=owner_key, chatbot=chatbot, box=box, status=status,
+            self.wire(demo, Controls(session=session, owner_key=owner_key, last_conversation=last_conversation,
+                                     chatbot=chatbot, box=box, status=status,
                                      continue_btn=continue_btn, **panel))
         return demo
 
@@ -499,7 +533,7 @@ class ChatPage:
             api_index = gr.Number(precision=0)
             api_json = gr.JSON()
             api_message = gr.MultimodalTextbox()
-            api_chat, api_open, api_edit, api_key, api_list, api_clear = (gr.Button() for _ in range(6))
+            api_chat, api_open, api_edit, api_key, api_list, api_clear, api_search = (gr.Button() for _ in range(7))
         pending = gr.State(None)  # the message the page shows while it waits for the model
 
         session, chatbot, box = c.session, c.chatbot, c.box
@@ -507,11 +541,12 @@ class ChatPage:
         # Status updates are instant: no progress overlay of their own.
         busy = dict(fn=self.busy, outputs=[box, c.status, c.continue_btn], api_visibility="private", queue=False,
                     show_progress="hidden")
-        refreshed = [c.conv_list, c.title_box, c.status, c.continue_btn, c.export_file, c.confirm_row]
-        ended = dict(fn=self.after_reply, inputs=[session], outputs=[*refreshed, box], api_visibility="private",
-                     queue=False, show_progress="hidden")
-        changed = dict(fn=self.after_change, inputs=[session], outputs=refreshed, api_visibility="private",
-                       queue=False, show_progress="hidden")
+        refreshed = [c.conv_list, c.title_box, c.status, c.continue_btn, c.export_file, c.confirm_row,
+                     c.last_conversation]
+        ended = dict(fn=self.after_reply, inputs=[session, c.search_box], outputs=[*refreshed, box],
+                     api_visibility="private", queue=False, show_progress="hidden")
+        changed = dict(fn=self.after_change, inputs=[session, c.search_box], outputs=refreshed,
+                       api_visibility="private", queue=False, show_progress="hidden")
         # Replies share one queue slot group: the model is one. The page says in words what a reply
         # waits for (the status line), so Gradio's own queue overlay is hidden.
         reply = dict(concurrency_id="reply", concurrency_limit=self.concurrency_limit, show_progress="hidden")
@@ -523,8 +558,8 @@ class ChatPage:
         def after(event):
             event.then(**changed)
 
-        demo.load(self.on_load, [c.owner_key], [session, c.owner_key, c.conv_list], api_visibility="private",
-                  queue=False)
+        after(demo.load(self.on_load, [c.owner_key, c.last_conversation], [session, c.owner_key, chatbot],
+                        api_visibility="private", queue=False))
         replied(box.submit(self.accept, [box, session], [chatbot, box, pending, c.status, c.continue_btn],
                          api_visibility="private", queue=False, show_progress="hidden")
               .success(self.respond, [pending, session], turn_out, api_visibility="private", **reply))
@@ -538,6 +573,7 @@ class ChatPage:
         replied(chatbot.edit(self.edit_in_chat, [session], turn_out, api_visibility="private", **reply))
         replied(api_edit.click(self.edit, [api_index, api_text, session], turn_out, api_name="edit", **reply))
         after(api_clear.click(self.clear, [session], turn_out, api_name="clear", **quick))
+        c.new_btn.click(None, None, [c.title_box], js=_EMPTY_TITLE, api_visibility="private", queue=False)
         after(c.new_btn.click(self.new_chat, [session], turn_out, api_name="new_chat", queue=False))
         after(c.conv_list.input(self.open_conversation, [c.conv_list, session], [chatbot, session],
                                 api_visibility="private", **quick))
@@ -545,12 +581,18 @@ class ChatPage:
                              **quick))
         api_key.click(self.use_key, [api_text], [session, api_json], api_name="use_key", queue=False)
         api_list.click(self.list_conversations, [session], [api_json], api_name="conversations", queue=False)
-        after(c.rename_btn.click(self.rename, [c.title_box, session], [session], api_name="rename", **quick))
-        after(c.title_box.submit(self.rename, [c.title_box, session], [session], api_visibility="private", **quick))
+        api_search.click(self.search_conversations, [api_text, session], [api_json], api_name="search", queue=False)
+        c.search_box.input(self.search_list, [c.search_box, session], [c.conv_list], api_visibility="private",
+                           queue=False, show_progress="hidden", trigger_mode="always_last")
+        # Unqueued, as the message box is: a name given and then a message sent at once arrive in that order.
+        after(c.rename_btn.click(self.rename, [c.title_box, session], [session], api_name="rename", queue=False))
+        after(c.title_box.submit(self.rename, [c.title_box, session], [session], api_visibility="private",
+                                 queue=False))
         c.delete_btn.click(self.ask_delete, [session], [c.confirm_row, c.confirm_text], api_visibility="private",
                            queue=False, show_progress="hidden")
         c.confirm_no.click(lambda: gr.Column(visible=False), None, [c.confirm_row], api_visibility="private",
                            queue=False, show_progress="hidden")
+        c.confirm_yes.click(None, None, [c.title_box], js=_EMPTY_TITLE, api_visibility="private", queue=False)
         after(c.confirm_yes.click(self.delete, [session], turn_out, api_name="delete", **quick))
         c.export_btn.click(self.export, [session], [c.export_file], api_name="export", **quick).success(
             lambda: gr.File(visible=True), None, [c.export_file], api_visibility="private", queue=False)

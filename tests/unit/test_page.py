@@ -14,11 +14,12 @@ from chatbot.conversation.service import ChatService
 from chatbot.conversation.store import ConversationStore
 from chatbot.generation.base import GenerationSettings, load_generator
 from chatbot.perception.encoder import MultimodalEncoder
-from chatbot.web.page import FINISHED, ChatPage, chat_messages
+from chatbot.state import Attachment, AttachmentKind, Conversation, Observation, ObservationKind, Role, Turn
+from chatbot.web.page import FINISHED, MIC_ICON, ChatPage, chat_messages
 from tests.support import canned  # also registers the `canned` backend
 
 API = {"chat", "continue", "stop", "retry", "undo", "edit", "clear", "new_chat", "conversations", "open", "rename", "delete",
-       "export", "import", "use_key"}
+       "export", "import", "use_key", "search"}
 TAB = gr.Request(username=None, session_hash="tab-1")
 OTHER_TAB = gr.Request(username=None, session_hash="tab-2")
 
@@ -136,10 +137,51 @@ def test_export_then_import_under_another_key(page):
 
 
 def test_load_gives_a_browser_a_key_and_keeps_a_good_one(page):
-    session, key, radio = page.on_load(None, TAB)
-    assert len(key) >= 16 and session.owner.startswith("key:")
-    again, same_key, _ = page.on_load(key, TAB)
+    session, key, chat = page.on_load(None, None, TAB)
+    assert len(key) >= 16 and session.owner.startswith("key:") and chat == [] and session.conversation_id is None
+    again, same_key, _ = page.on_load(key, None, TAB)
     assert same_key == key and again.owner == session.owner
+
+
+def test_a_reload_reopens_the_conversation_in_use(page):
+    key = "a-browser-key-0123456789"
+    owner, _ = page.use_key(key, TAB)
+    _, first = send(page, owner, "hello cat")
+    _, second = send(page, page.new_chat(first, TAB)[2], "tell me about the weather")
+    _, opened = page.open_conversation(first.conversation_id, second, TAB)
+    *_, last = page.after_change(opened, "", TAB)  # what the browser keeps for the next load
+    assert last == first.conversation_id
+    session, _, chat = page.on_load(key, last, TAB)
+    assert session.conversation_id == first.conversation_id and words(chat[0]) == "hello cat"
+    # Nothing kept (or a conversation that is gone, or someone else's): the most recently changed one.
+    _, stranger = send(page, ChatSession(), "a stranger's chat", OTHER_TAB)
+    for kept in (None, "no-such-id", stranger.conversation_id):
+        session, _, chat = page.on_load(key, kept, TAB)
+        assert session.conversation_id == second.conversation_id and words(chat[0]) == "tell me about the weather"
+    session, _, chat = page.on_load("another-browser-key-0123", first.conversation_id, TAB)
+    assert session.conversation_id is None and chat == []  # another owner's id opens nothing
+
+
+def test_search_and_dates_in_the_side_panel(page):
+    _, first = send(page, ChatSession(), "hello cat")
+    _, second = send(page, page.new_chat(first, TAB)[2], "tell me about the weather")
+    radio, _ = page.sidebar(second, TAB)
+    assert [label for label, _ in radio.choices] == ["tell me about the weather · Today", "hello cat · Today"]
+    radio, _ = page.sidebar(second, TAB, "CAT")
+    assert radio.choices == [("hello cat · Today", first.conversation_id)] and radio.value is None
+    assert page.conversation_list(first, TAB, '"cat* -(').choices == radio.choices  # syntax is not an error
+    assert page.conversation_list(first, TAB, "zebra").choices == []
+    assert [c["id"] for c in page.search_conversations("weather", second, TAB)] == [second.conversation_id]
+    assert page.search_conversations("weather", ChatSession(), OTHER_TAB) == []  # only the owner's own
+    radio, *_ = page.after_change(second, "cat", TAB)  # a refresh keeps the search
+    assert [cid for _, cid in radio.choices] == [first.conversation_id]
+
+
+def test_a_new_chat_leaves_the_title_box_to_the_person(page):
+    _, first = send(page, ChatSession(), "hello cat")
+    assert page.sidebar(first, TAB)[1].value == "hello cat"
+    fresh = page.new_chat(first, TAB)[2]
+    assert page.sidebar(fresh, TAB)[1] is gr.skip() or isinstance(page.sidebar(fresh, TAB)[1], type(gr.skip()))
 
 
 def test_a_sent_message_shows_at_once_with_what_it_waits_for(page):
@@ -160,8 +202,8 @@ def test_a_cut_reply_offers_continue_until_continued(page):
     page.service.settings = GenerationSettings(max_new_tokens=4, temperature=0)
     chats, session = send(page, ChatSession(), "tell me about the weather today")
     assert "cut short" in words(chats[-1][-1])
-    _, _, status, continue_btn, _, _, box = page.after_reply(session, TAB)
-    assert continue_btn.visible and FINISHED in status.value and box.interactive
+    _, _, status, continue_btn, _, _, last, box = page.after_reply(session, "", TAB)
+    assert continue_btn.visible and FINISHED in status.value and box.interactive and last == session.conversation_id
     before = words(chats[-1][-1]).split("\n")[0]
     updates = list(page.continue_reply(session, TAB))
     assert all(len(u[0]) == 2 for u in updates)  # the reply grows in place; no new message
@@ -185,3 +227,18 @@ def test_a_user_error_is_one_log_line_and_no_traceback(page, caplog):
         page.accept({"text": "", "files": []}, ChatSession(), TAB)
     assert not raised.value.print_exception
     assert [r.getMessage() for r in caplog.records] == ["accept: Type a message, attach a photo or record your voice first."]
+
+
+def test_recordings_and_refused_files_are_marked_with_icons_not_emoji(tmp_path):
+    conv = Conversation()
+    wav = tmp_path / "voice.wav"
+    wav.write_bytes(b"RIFF")
+    conv.add_user_turn(Turn(role=Role.USER, attachments=[Attachment(AttachmentKind.AUDIO, str(wav), "0" * 64, "voice.wav")],
+                            observations=[Observation(ObservationKind.TRANSCRIPT, "hello there", "0" * 64, "whisper")]))
+    conv.add_assistant_turn("Hi!")
+    conv.turns += [Turn(role=Role.USER, text="📎 broken.jpg\n📎 other.png", notice=True),
+                   Turn(role=Role.ASSISTANT, text="That file is not a photo.", notice=True)]
+    shown = json.dumps(chat_messages(conv), ensure_ascii=False)
+    assert "🎤" not in shown and "📎" not in shown
+    assert f"{MIC_ICON} *hello there*" in shown.replace('\\"', '"')
+    assert shown.count("chat-icon-file") == 2
