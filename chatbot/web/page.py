@@ -60,9 +60,9 @@ _FOCUS_BOX = "() => { setTimeout(() => document.querySelector('#message-box text
 # the server's answer to the click, which can come later.
 _EMPTY_TITLE = "() => ''"
 # Icons shipped with the page (static/page.css draws them), not emoji: a system without an emoji font shows
-# emoji as empty boxes. Each has a name for screen readers.
-MIC_ICON = '<span class="chat-icon chat-icon-mic" role="img" aria-label="Recording:"></span>'
-FILE_ICON = '<span class="chat-icon chat-icon-file" role="img" aria-label="File:"></span>'
+# emoji as empty boxes. Each is followed by its words for screen readers (the chat's sanitizer drops aria-label).
+MIC_ICON = '<span class="chat-icon chat-icon-mic"></span><span class="sr-only">Recording:</span>'
+FILE_ICON = '<span class="chat-icon chat-icon-file"></span><span class="sr-only">File:</span>'
 
 _EXAMPLES = [
     {"text": "Hi! My name is Ana and I love hiking. Can you suggest a short weekend plan?"},
@@ -582,7 +582,7 @@ class ChatPage:
         api_key.click(self.use_key, [api_text], [session, api_json], api_name="use_key", queue=False)
         api_list.click(self.list_conversations, [session], [api_json], api_name="conversations", queue=False)
         api_search.click(self.search_conversations, [api_text, session], [api_json], api_name="search", queue=False)
-        c.search_box.input(self.search_list, [c.search_box, session], [c.conv_list], api_visibility="private",
+        c.search_box.change(self.search_list, [c.search_box, session], [c.conv_list], api_visibility="private",
                            queue=False, show_progress="hidden", trigger_mode="always_last")
         # Unqueued, as the message box is: a name given and then a message sent at once arrive in that order.
         after(c.rename_btn.click(self.rename, [c.title_box, session], [session], api_name="rename", queue=False))
