@@ -213,6 +213,7 @@ def test_a_reload_reopens_the_conversation_in_use(tab: Page):
     open_panel(tab)
     new_chat(tab)
     browser_send(tab, "tell me about the weather")
+    expect(status(tab)).to_have_text("Reply finished.")  # the list is refreshed
     open_panel(tab)
     tab.locator("#conversation-list label", has_text="hello cat").click()  # the older one, now in use
     expect(tab.get_by_test_id("user")).to_have_text(["hello cat"])

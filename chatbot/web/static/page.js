@@ -32,9 +32,10 @@
       el.textContent = ` ${Math.floor((Date.now() - Number(el.dataset.start)) / 1000)} s`;
     });
   }, 250);
-  // Picking a conversation on a phone closes the panel, so the chat shows.
-  document.addEventListener("change", (event) => {
-    if (narrow() && event.target.closest && event.target.closest("#conversation-list")) closeSidebar();
+  // Picking a conversation on a phone closes the panel, so the chat shows; the one already open too
+  // (a reload reopens it), which fires no change. A label's click reaches its radio once; keys click it too.
+  document.addEventListener("click", (event) => {
+    if (narrow() && event.target.matches && event.target.matches("#conversation-list input")) closeSidebar();
   });
 })();
 </script>
