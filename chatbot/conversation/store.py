@@ -274,7 +274,7 @@ class ConversationStore:
         return [ConversationSummary(r["id"], r["title"], r["created"], r["updated"], r["turns"]) for r in rows]
 
     def search(self, owner: str, query: str, limit: int = 50) -> list[ConversationSummary]:
-        """The owner's conversations whose title or text (typed, or the transcript of a recording) has
+        """The owner's conversations whose title or text (typed, a transcript, a PDF's text, text in a photo) has
         every word of `query`, the last word also as a prefix (search as you type); most recent first.
 
         The query is words only: punctuation and search-syntax characters separate words and are
@@ -633,13 +633,15 @@ def search_words(query: str) -> list[str]:
     return [w.lower() for w in re.findall(r"[^\W_]+", query or "")][:MAX_SEARCH_WORDS]
 
 
+# Notes that hold words the user sent: a recording's transcript, a PDF's text, text read in a photo.
+_SEARCHED_NOTES = "kind IN ('transcript', 'document', 'ocr')"
 # The searchable text of a conversation (SQLite's index holds one row per conversation): its turns'
-# words and its recordings' transcripts; notices (refusals shown in the chat) are not the dialogue.
+# words and those notes; notices (refusals shown in the chat) are not the dialogue.
 _SEARCH_BODY = (
     "(SELECT group_concat(words, char(10)) FROM ("
     " SELECT t.text AS words FROM turns t WHERE t.conversation_id = c.id AND t.notice = 0"
     " UNION ALL SELECT o.text FROM observations o JOIN turns t ON t.key = o.turn_key"
-    " WHERE t.conversation_id = c.id AND t.notice = 0 AND o.kind = 'transcript'))")
+    f" WHERE t.conversation_id = c.id AND t.notice = 0 AND o.{_SEARCHED_NOTES}))")
 
 
 # -- the two databases: everything that differs between their SQL is here -----------------------
@@ -754,20 +756,20 @@ class _Postgres:
     def create_search_index(self) -> None:
         """Full-text indexes PostgreSQL keeps up to date itself (GIN over `to_tsvector('simple', …)`)."""
         for table, column, where in (("conversations", "title", ""), ("turns", "text", ""),
-                                     ("observations", "text", " WHERE kind = 'transcript'")):
+                                     ("observations", "text", f" WHERE {_SEARCHED_NOTES}")):
             self.conn.execute(f"CREATE INDEX {table}_search ON {table} USING gin (to_tsvector('simple', {column})){where}")
 
     def index_conversation(self, conv_id: str) -> None:
         """Nothing to do: the indexes follow the tables."""
 
     def search_condition(self, words: list[str]) -> tuple[str, tuple]:
-        # Every word somewhere in the conversation: its title, a turn, or a recording's transcript.
+        # Every word somewhere in the conversation: its title, a turn, or a searched note (see _SEARCHED_NOTES).
         # Each word is one quoted lexeme of a tsquery; the last also matches as a prefix.
         per_word = ("(to_tsvector('simple', c.title) @@ to_tsquery('simple', ?)"
                     " OR EXISTS (SELECT 1 FROM turns t WHERE t.conversation_id = c.id AND t.notice = 0"
                     " AND to_tsvector('simple', t.text) @@ to_tsquery('simple', ?))"
                     " OR EXISTS (SELECT 1 FROM observations o JOIN turns t ON t.key = o.turn_key"
-                    " WHERE t.conversation_id = c.id AND t.notice = 0 AND o.kind = 'transcript'"
+                    f" WHERE t.conversation_id = c.id AND t.notice = 0 AND o.{_SEARCHED_NOTES}"
                     " AND to_tsvector('simple', o.text) @@ to_tsquery('simple', ?)))")
         queries = [f"'{w}'" for w in words[:-1]] + [f"'{words[-1]}':*"]
         return " AND ".join([per_word] * len(queries)), tuple(q for q in queries for _ in range(3))

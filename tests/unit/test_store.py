@@ -51,7 +51,7 @@ def media_file(store: ConversationStore, content: bytes, suffix: str) -> Attachm
     path = store.media_dir / sha[:2] / f"{sha}{suffix}"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(content)
-    kind = AttachmentKind.IMAGE if suffix == ".png" else AttachmentKind.AUDIO
+    kind = {".png": AttachmentKind.IMAGE, ".pdf": AttachmentKind.DOCUMENT}.get(suffix, AttachmentKind.AUDIO)
     return Attachment(kind=kind, path=str(path), sha256=sha, name=f"upload{suffix}")
 
 
@@ -365,6 +365,16 @@ def test_search_finds_titles_and_text_of_the_owners_conversations(store):
     assert found(store, ANA, "sintra sourdough") == []
     assert found(store, ANA, "sourd") == ["Bread"]  # the last word as typed so far (a prefix)
     assert found(store, ANA, "capital france") == [voice.title]  # a recording's transcript
+    memo = Conversation()
+    pdf, sign = media_file(store, b"%PDF-1.4 fake memo", ".pdf"), media_file(store, b"\x89PNG\r\n\x1a\n sign", ".png")
+    memo.add_user_turn(Turn(role=Role.USER, text="Summarise these", attachments=[pdf, sign], observations=[
+        Observation("document", "[page 1] The code word is MARMALADE.", pdf.sha256, "pdf"),
+        Observation("ocr", 'text reads: "HARBOR ROAD"', sign.sha256, "ocr"),
+        Observation("facts", "900×500, mostly green", sign.sha256, "facts")]))
+    store.save(ANA, memo)
+    assert found(store, ANA, "marmalade") == [memo.title]  # a PDF's text
+    assert found(store, ANA, "harbor road") == [memo.title]  # text read in a photo
+    assert found(store, ANA, "mostly green") == []  # other notes are the app's words, not the user's
     assert found(store, ANA, "   ") == [] and found(store, ANA, "") == []
     store.append(ANA, hike.id, len(hike.turns), [Turn(role=Role.USER, text="and the bread?")])
     assert found(store, ANA, "bread") == ["Weekend hike", "Bread"]  # most recently changed first
