@@ -21,13 +21,14 @@ from chatbot.memory import Item, Relevance, Said, TrackedState
 # Worded on the quality bench (bench.quality) with the 0.5B default: each line here shifts what a small model does.
 # A line about the "[Notes for you]" block (chatbot.memory) made it refuse harmless requests ("I'm sorry, but I
 # can't assist with that request" to a story about a dragon); the block's own header says how to use it instead.
+# A line "if the notes say the models could not tell, say so" made it answer that about a readable sign; a photo's
+# note itself says "The image models could not tell what it shows", which is enough for noise and blank photos.
 DEFAULT_SYSTEM_PROMPT = (
     "You are a friendly, helpful assistant in a chat app. Users can type, attach photos and "
     "speak. You cannot see photos or hear audio directly: you get notes about each attachment "
     "in square brackets (text read from a photo, what was detected in it, a transcript of "
     "speech). Use those notes and everything said earlier in the conversation. When the user mentions a photo or "
-    "recording, find it in the bracketed notes of earlier messages and answer from them. Answer briefly. "
-    "If a photo's notes say the image models could not tell, say you cannot tell what it shows."
+    "recording, find it in the bracketed notes of earlier messages and answer from them. Answer briefly."
 )
 
 
@@ -135,10 +136,13 @@ class Turn:
             extra = "".join(f", {o.text}" for o in notes if o.kind is not ObservationKind.TRANSCRIPT)
             return f"[{attachment.label}: a voice message{extra}]\n" + (spoken or "(no recognisable speech)")
         details = _photo_details(notes)
+        if details != _COULD_NOT_TELL:
+            details = f"what the image models found in it: {details}"
         # Small models do not map "my first photo" to "Photo 1" by themselves. The file name stays
-        # out: the model took "coffee.jpg" for what the photo shows.
+        # out: the model took "coffee.jpg" for what the photo shows. Worded on bench.quality: with
+        # "[Photo 1, the user's first photo: text reads ...]" the 0.5B model answered "The sign is [Photo 1]".
         ordinal = _ordinal(attachment.label)
-        return f"[{attachment.label}, the user's {ordinal} photo: {details}]"
+        return f"[{attachment.label} (the user's {ordinal} photo). {details[0].upper()}{details[1:]}]"
 
     def items(self, index: int) -> list[Item]:
         """The turn's attachments as the tracked state keeps them (labels, other names, notes)."""
@@ -400,6 +404,9 @@ def _document_parts(notes: list[Observation]) -> tuple[str, str]:
     return about, "\n".join(o.text for o in notes if o.kind is ObservationKind.DOCUMENT)
 
 
+_COULD_NOT_TELL = "the image models could not tell what it shows"
+
+
 def _photo_details(notes: list[Observation]) -> str:
     """What a photo's notes say, or that the models could not tell.
 
@@ -407,7 +414,7 @@ def _photo_details(notes: list[Observation]) -> str:
     ("a bright, mostly white landscape") as if they were the answer.
     """
     if not any(o.kind in _SEEN_IN_PHOTOS for o in notes):
-        return "the image models could not tell what it shows"
+        return _COULD_NOT_TELL
     return "; ".join(o.text for o in notes)
 
 

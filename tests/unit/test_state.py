@@ -19,7 +19,7 @@ def words(text: str) -> int:
 def photo_turn(text: str, sha: str, ocr: str) -> Turn:
     photo = Attachment(kind=AttachmentKind.IMAGE, path=f"/media/{sha}.png", sha256=sha, name=f"{sha}.png")
     return Turn(role=Role.USER, text=text, attachments=[photo],
-                observations=[Observation(kind="ocr", text=f'text reads: "{ocr}"', attachment=sha, source="ocr")])
+                observations=[Observation(kind="ocr", text=f'the text in it says "{ocr}"', attachment=sha, source="ocr")])
 
 
 def chat(n_exchanges: int, first: Turn | None = None) -> Conversation:
@@ -51,7 +51,8 @@ def test_render_puts_system_prompt_first_and_attachment_notes_in_the_turn():
     messages = conv.render(words, budget=10_000)
     assert messages[0].role == "system" and messages[0].content == DEFAULT_SYSTEM_PROMPT
     assert messages[1].role == "user"
-    assert "[Photo 1, the user's first photo: " in messages[1].content and "MAIN STREET" in messages[1].content
+    assert "[Photo 1 (the user's first photo). What the image models found in it: " in messages[1].content
+    assert "MAIN STREET" in messages[1].content
     assert messages[1].content.endswith("What does the sign say?")
 
 
@@ -73,7 +74,7 @@ def test_a_photo_with_nothing_recognised_says_the_models_cannot_tell():
     conv = Conversation()
     conv.add_user_turn(turn)
     assert conv.render(words, 10_000)[-1].content == \
-        "[Photo 1, the user's first photo: the image models could not tell what it shows]"
+        "[Photo 1 (the user's first photo). The image models could not tell what it shows]"
 
 
 def test_voice_turn_renders_transcript_as_the_users_words():

@@ -90,8 +90,8 @@ def test_reads_a_drawn_sign(reader: TextReader):
     observations = reader.analyze(_loaded(sign))
 
     assert [o.kind for o in observations] == ["ocr"]
-    assert observations[0].text.startswith("text reads: ")
-    assert observations[0].text.lower() == 'text reads: "no parking"'
+    assert observations[0].text.startswith("the text in it says ")
+    assert observations[0].text.lower() == 'the text in it says "no parking"'
     assert observations[0].attachment == ""
 
 
@@ -107,7 +107,7 @@ def test_lines_come_out_in_reading_order(reader: TextReader):
     lines = reader.read_lines(_loaded(board))
 
     assert [line.lower().split() for line in lines] == [["apple", "banana"], ["cherry", "grape"]]
-    assert reader.analyze(_loaded(board))[0].text.lower() == 'text reads: "apple banana / cherry grape"'
+    assert reader.analyze(_loaded(board))[0].text.lower() == 'the text in it says "apple banana / cherry grape"'
 
 
 def test_spaces_between_words_are_kept(reader: TextReader):
@@ -141,7 +141,7 @@ def test_long_text_is_shortened(reader: TextReader):
     short = TextReader(max_chars=80)
     text = short.analyze(_loaded(_text_page(lines=6)))[0].text
 
-    assert len(text) <= 80 + len('text reads: ""')
+    assert len(text) <= 80 + len('the text in it says ""')
     assert text.endswith('…"')
 
 

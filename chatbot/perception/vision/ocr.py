@@ -80,7 +80,7 @@ class TextReader(ImageAnalyzer):
         text = " / ".join(lines)
         if len(text) > self._max_chars:
             text = text[: self._max_chars - 1].rstrip() + "…"
-        return [Observation(kind=ObservationKind.OCR, text=f'text reads: "{text}"', source=self.name)]
+        return [Observation(kind=ObservationKind.OCR, text=f'the text in it says "{text}"', source=self.name)]
 
 
 # RapidOCR upscales the short side of an image to 736 px before detection, so a 3000×2
