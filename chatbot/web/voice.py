@@ -164,9 +164,11 @@ def add_voice_controls(service: ChatService, options: VoiceOptions, session: gr.
                 gr.Timer(active=True))
 
     def push_to_talk(path: str | None, language: str):
-        """Record, stop: the transcript lands in the message box, to correct and send like typed text."""
+        """Tap to record, tap to stop: the recording and its transcript land in the message box, to
+        correct and send (the recording stays with the turn, playable; the corrected words count)."""
         from chatbot.errors import UserFacingError
         from chatbot.perception.audio import load_audio
+        from chatbot.perception.speech import SURE_LANGUAGE
 
         if not path or options.recognizer is None:
             return gr.skip(), gr.skip(), None
@@ -176,8 +178,9 @@ def add_voice_controls(service: ChatService, options: VoiceOptions, session: gr.
             return gr.skip(), str(error), None
         if not transcript.text:
             return gr.skip(), "No words recognised; please try again.", None
-        sure = "" if transcript.language_probability >= 0.5 else ", unsure: your browser's language was used"
-        return ({"text": transcript.text, "files": []},
+        service.encoder.remember_recording(path, transcript, dictated=True)
+        sure = "" if transcript.language_probability >= SURE_LANGUAGE else ", unsure: your browser's language was used"
+        return ({"text": transcript.text, "files": [path]},
                 f"Heard ({transcript.language}{sure}). Correct it if needed, then press Enter.", None)
 
     def hear(packet: str, request: gr.Request):
@@ -213,8 +216,9 @@ def add_voice_controls(service: ChatService, options: VoiceOptions, session: gr.
         call_btn = gr.Button("📞 Start call", elem_id="call-button", scale=0, min_width=140,
                              interactive=options.recognizer is not None)
         status = gr.Markdown("", elem_id="voice-status")
-    talk = gr.Audio(sources=["microphone"], type="filepath", label="Push to talk: record, stop, then check and send",
-                    elem_id="push-to-talk", visible=options.recognizer is not None)
+    talk = gr.Audio(sources=["microphone"], type="filepath", elem_id="push-to-talk",
+                    label="Push to talk: tap to record, tap to stop, then check the words and send",
+                    visible=options.recognizer is not None)
     with gr.Group(visible=False):
         clips_box = gr.Textbox(elem_id="voice-clips")
         language = gr.Textbox()
