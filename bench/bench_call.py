@@ -2,13 +2,19 @@
 
     python -m bench.bench_call [--runs 3]
 
-Drives `VoicePeer` (what the page's microphone stream calls) with a committed question,
-fed in 0.25 s chunks at real-time pace like a browser streams it, followed by silence. The clock
-starts when the chunk holding the last voiced sample is handed over and stops when the first
-sentence of the reply exists as audio. What the page adds on top is at most one poll (0.3 s)
-plus network. The pieces: the VAD's end-of-utterance wait (0.6 s), Whisper base, the reply
-model's first sentence, and its synthesis. Loads the real bundled models: one such process at a time.
-Prints a table and writes bench/results/bench_call.json.
+Drives `VoicePeer` the way the page does (`receive`: microphone packets every 0.2 s at real-time
+pace) with a committed question followed by silence. The clock starts when the packet holding
+the last voiced sample is handed over and stops when the first clip of the reply exists as
+audio. Each run is broken down by stage, timed at the real components' own calls:
+  vad      end of speech -> the VAD declares the utterance over (its end-of-utterance silence)
+  whisper  transcription of the utterance (Whisper base)
+  turn     the user turn encoded and stored, the prompt rendered
+  prompt   the reply model reads the prompt and writes its first token
+  sentence the rest of the first clause/sentence is written
+  tts      the first clause/sentence synthesised
+What the page adds on top is at most one poll (0.3 s, on average half) plus a localhost fetch.
+Loads the real bundled models: one such process at a time. Prints a table (medians) and writes
+bench/results/bench_call.json.
 """
 
 from __future__ import annotations
@@ -25,7 +31,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 QUESTIONS = ["capital_of_france.wav", "elephant_giraffe.wav"]
-CHUNK = 4000  # 0.25 s at 16 kHz
+PACKET = 3200  # 0.2 s at 16 kHz, as the page's microphone timer sends
+STAGES = ["vad", "whisper", "turn", "prompt", "sentence", "tts"]
 
 
 def read(name: str) -> np.ndarray:
@@ -33,33 +40,80 @@ def read(name: str) -> np.ndarray:
         return np.frombuffer(f.readframes(f.getnframes()), "<i2").copy()
 
 
-def one_call(peer, speaker, audio: np.ndarray) -> float:
+class Timeline:
+    """Wraps the components' calls (on these instances only) to note when each stage ends."""
+
+    def __init__(self, peer, service) -> None:
+        self.marks: dict[str, float] = {}
+        mark = self.mark
+        start_turn, transcribe = peer._start_turn, service.encoder.recognizer.transcribe
+        stream, synthesize = service.generator.stream, service.listener.voice.synthesize
+
+        def timed_start_turn(utterance):
+            mark("vad")
+            return start_turn(utterance)
+
+        def timed_transcribe(*a, **k):
+            out = transcribe(*a, **k)
+            mark("whisper")
+            return out
+
+        def timed_stream(*a, **k):
+            mark("turn")
+            pieces = stream(*a, **k)
+            first = True
+            try:
+                while True:
+                    piece = next(pieces)
+                    if first:
+                        mark("prompt")
+                        first = False
+                    yield piece
+            except StopIteration as end:
+                return end.value
+            finally:
+                pieces.close()
+
+        def timed_synthesize(*a, **k):
+            mark("sentence")
+            out = synthesize(*a, **k)
+            mark("tts")
+            return out
+
+        peer._start_turn, service.encoder.recognizer.transcribe = timed_start_turn, timed_transcribe
+        service.generator.stream, service.listener.voice.synthesize = timed_stream, timed_synthesize
+
+    def mark(self, stage: str) -> None:
+        self.marks.setdefault(stage, time.monotonic())  # the first time only: the first sentence counts
+
+    def stages(self, ended: float) -> dict[str, float]:
+        times = [ended] + [self.marks[s] for s in STAGES]
+        return {s: times[i + 1] - times[i] for i, s in enumerate(STAGES)} | {"total": times[-1] - ended}
+
+
+def one_call(peer, service, timeline: Timeline, audio: np.ndarray, name: str) -> dict[str, float]:
     voiced = np.nonzero(np.abs(audio) > 300)[0]
-    speech_end_chunk = int(voiced[-1]) // CHUNK
+    speech_end_packet = int(voiced[-1]) // PACKET
     stream = np.concatenate([audio, np.zeros(16_000 * 6, audio.dtype)])
     peer.start_call("bench", None, "en")
+    timeline.marks.clear()
     ended = None
     next_time = time.monotonic()
-    for k in range(0, len(stream), CHUNK):
-        next_time += CHUNK / 16_000
+    for k in range(0, len(stream), PACKET):
+        next_time += PACKET / 16_000
         time.sleep(max(0.0, next_time - time.monotonic()))
-        peer.hear(16_000, stream[k:k + CHUNK])
-        if k // CHUNK == speech_end_chunk:
+        peer.receive(name, k, 16_000, stream[k:k + PACKET])
+        if k // PACKET == speech_end_packet:
             ended = time.monotonic()
-        spoken = speaker.current(peer.conversation_id) if peer.conversation_id else None
-        if spoken and spoken.clips:
+        if "tts" in timeline.marks:
             break
-    while True:
-        spoken = speaker.current(peer.conversation_id) if peer.conversation_id else None
-        if spoken and spoken.clips:
-            first = time.monotonic()
-            break
-        if peer._worker is not None and not peer._worker.is_alive() and not (spoken and spoken.clips):
+    while "tts" not in timeline.marks:
+        if peer._worker is not None and not peer._worker.is_alive():
             raise RuntimeError("the call produced no spoken reply")
         time.sleep(0.01)
     peer._worker.join()
     peer.end_call()
-    return first - ended
+    return timeline.stages(ended)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -75,12 +129,18 @@ def main(argv: list[str] | None = None) -> None:
         app.configure_environment(config)
         service = app.build_service(config)
         peer = VoicePeer(service, service.listener, service.encoder.recognizer)
-        one_call(peer, service.listener, read(QUESTIONS[0]))  # warm-up: first-call costs are not per turn
-        rows = {q: [one_call(peer, service.listener, read(q)) for _ in range(args.runs)] for q in QUESTIONS}
-    print("\n| question | voice-to-voice s (median) | runs |")
-    print("| --- | ---: | --- |")
-    for q, values in rows.items():
-        print(f"| {q} | {statistics.median(values):.2f} | {', '.join(f'{v:.2f}' for v in values)} |")
+        timeline = Timeline(peer, service)
+        one_call(peer, service, timeline, read(QUESTIONS[0]), "warm-up")  # first-call costs are not per turn
+        rows: dict[str, list[dict[str, float]]] = {q: [] for q in QUESTIONS}
+        for run in range(args.runs):  # the questions alternate, so load changes spread over both
+            for q in QUESTIONS:
+                rows[q].append(one_call(peer, service, timeline, read(q), f"{q}-{run}"))
+    print("\n| question | " + " | ".join(STAGES) + " | voice-to-voice s (median) | runs (total) |")
+    print("| --- | " + " | ".join("---:" for _ in STAGES) + " | ---: | --- |")
+    for q, runs in rows.items():
+        medians = [statistics.median(r[s] for r in runs) for s in STAGES + ["total"]]
+        print(f"| {q} | " + " | ".join(f"{m:.2f}" for m in medians) + " | "
+              + ", ".join(f"{r['total']:.2f}" for r in runs) + " |")
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_call.json").write_text(json.dumps(rows, indent=1))

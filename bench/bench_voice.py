@@ -6,7 +6,7 @@ For each reply below: its speakable text is synthesised, written as a WAV file, 
 the app's own audio loader and transcribed by the bundled Whisper base; WER compares the
 transcript with the speakable text (lower case, punctuation dropped). Real-time factor (RTF) =
 synthesis seconds / seconds of speech, median of N interleaved runs (lower is faster).
-`--latency` also measures voice-to-voice latency with the default models (see bench_call.py).
+Voice-to-voice latency of call mode, stage by stage: `python -m bench.bench_call`.
 Prints a table and writes bench/results/bench_voice.json.
 """
 

@@ -56,6 +56,7 @@ class MultimodalEncoder:
         self._cache: OrderedDict[str, tuple[AttachmentKind, list[Observation]]] = OrderedDict()
         self._cache_size = cache_size
         self._lock = threading.Lock()
+        self._dictated: set[str] = set()  # recordings whose transcript waits in a message box
 
     def encode(self, text: str, files: list[str | Path] = ()) -> Turn:
         """A user turn for `text` and `files`; raises UserFacingError for input it cannot use."""
@@ -70,6 +71,11 @@ class MultimodalEncoder:
         turn = Turn(role=Role.USER, text=text)
         for file in files:
             attachment, notes = self._encode_file(Path(file), turn.text)
+            if turn.text and self._take_dictation(attachment.sha256):
+                # Push-to-talk: the message is this recording's transcript as the user left it (maybe
+                # corrected): those are the words said, kept once, with the recording.
+                notes = [replace(o, text=turn.text) if o.kind is ObservationKind.TRANSCRIPT else o for o in notes]
+                turn.text = ""
             turn.attachments.append(attachment)
             turn.observations.extend(notes)
         if not turn.text and not turn.attachments:
@@ -168,14 +174,25 @@ class MultimodalEncoder:
                 Observation(kind=ObservationKind.LANGUAGE, text=f"spoken language: {transcript.language}{sure}",
                             source=self.recognizer.name)]
 
-    def remember_recording(self, path: str | Path, transcript) -> None:
+    def remember_recording(self, path: str | Path, transcript, dictated: bool = False) -> None:
         """A recording already transcribed elsewhere (call mode, push-to-talk): sending it costs nothing more.
 
-        `transcript` is a `speech.Transcript` for exactly this file; the user may have corrected
-        its text before sending, which then counts as what they said.
+        `transcript` is a `speech.Transcript` for exactly this file. `dictated`: its text was put in
+        the message box (push-to-talk); the text the recording is next sent with, maybe corrected,
+        then counts as what was said.
         """
         if transcript.text.strip():
-            self._remember(media.sha256_file(Path(path)), AttachmentKind.AUDIO, self._transcript_notes(transcript))
+            sha = media.sha256_file(Path(path))
+            self._remember(sha, AttachmentKind.AUDIO, self._transcript_notes(transcript))
+            if dictated:
+                with self._lock:
+                    self._dictated.add(sha)
+
+    def _take_dictation(self, sha: str) -> bool:
+        with self._lock:
+            found = sha in self._dictated
+            self._dictated.discard(sha)
+        return found
 
     def _keep_copy(self, path: Path, sha: str, fmt: media.MediaFormat) -> Path:
         """Copy the upload into the media folder the app owns (uploads in temp dirs vanish)."""

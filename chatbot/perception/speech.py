@@ -52,6 +52,11 @@ class WhisperSettings:
     beam_size: int = 1  # greedy: far cheaper than beam search on CPU, and chat messages are short
     vad_filter: bool = True  # skip non-speech, where Whisper tends to invent text ("Thank you.")
     condition_on_previous_text: bool = False  # stops one misheard window from derailing the rest
+    # One greedy pass, no retries at higher temperatures: a decode that fails Whisper's own checks on
+    # a short chat message is noise or mumbling, which the log-probability filter then rejects;
+    # the retries (up to five more passes) cost seconds exactly there.
+    temperature: float = 0.0
+    without_timestamps: bool = True  # chat needs the words, not where they are: fewer tokens to write
 
 
 def _cpu_threads() -> int:

@@ -1,6 +1,6 @@
 """Hands-free call mode: listen, answer, speak, listen again; the user can interrupt (barge-in).
 
-One `VoicePeer` per browser tab. The page streams microphone chunks into `hear`; the VAD
+One `VoicePeer` per browser tab. The page streams microphone packets into `receive`; the VAD
 (`UtteranceDetector`) finds where each utterance ends; a worker thread transcribes it, checks it
 was the user (Whisper's doubt, `EchoGuard`), sends it as a voice turn through `ChatService` (so
 typed, photo and spoken turns share one conversation) and lets `ReplySpeaker` speak the reply.
@@ -73,9 +73,11 @@ class VoicePeer:
         self.guard = EchoGuard()
         self._detector: UtteranceDetector | None = None
         self._resampler: StreamResampler | None = None
+        self._stream: tuple[str, int] = ("", 0)  # (the browser's microphone stream, samples of it heard)
         self._lock = threading.Lock()
         self._hearing = threading.Lock()  # microphone chunks are handled one at a time, in order
         self._worker: threading.Thread | None = None
+        self._cancel = threading.Event()  # set by a barge-in: the current turn's reply must stop
         self._given: tuple[str, int] = ("", 0)  # (the SpokenReply, clips of it handed over)
         self._playing_until = 0.0
         self._barged = False  # this utterance already interrupted the bot
@@ -105,8 +107,28 @@ class VoicePeer:
             self._status = ""
         self._barge_in()
 
-    def hear(self, rate: int, samples: np.ndarray) -> None:
-        """A chunk of the microphone stream (any rate, int16 or float, mono or stereo)."""
+    def receive(self, stream: str, start: int, rate: int, samples: np.ndarray) -> int:
+        """A packet of the browser's microphone stream `stream`: `samples` from sample number `start` on.
+
+        The browser sends everything not yet acknowledged, so packets overlap, repeat, or (two
+        requests in flight) arrive out of order; each sample is heard exactly once, in order.
+        Returns how many samples of the stream are heard: the browser's acknowledgement.
+        """
+        with self._hearing:
+            name, heard = self._stream
+            if name != stream:  # a new call (or a reloaded tab): its stream starts at sample 0
+                name, heard = stream, 0
+            fresh = samples[max(0, heard - start):]
+            if start > heard:  # a gap cannot happen with a well-behaved browser; hear on from here
+                log.warning("Call: %d microphone samples never arrived", start - heard)
+                heard = start
+            self._stream = (name, heard + len(fresh))
+            if len(fresh):
+                self._hear(rate, fresh)
+            return self._stream[1]
+
+    def _hear(self, rate: int, samples: np.ndarray) -> None:
+        """A chunk of the microphone stream (any rate, int16 or float, mono or stereo), in order."""
         if self.state is CallState.OFF or self._detector is None:
             return
         audio = samples.astype(np.float32)
@@ -114,26 +136,26 @@ class VoicePeer:
             audio /= 32768.0
         if audio.ndim > 1:
             audio = audio.mean(axis=1)
-        with self._hearing:
-            if self._resampler is None or self._resampler.rate != rate:
-                self._resampler = StreamResampler(rate)
-            utterances = self._detector.feed(self._resampler(audio))
-            if self._bot_active() and self._detector.hearing_speech and not self._barged:
-                if not self.guard.sounds_like_bot(self._detector.current_speech()):
-                    log.info("Barge-in: the user spoke while the bot was answering")
-                    self._barged = True
-                    self._barge_in()
-            for utterance in utterances:
-                self._barged = False
-                if self._bot_active() and self.guard.sounds_like_bot(utterance):
-                    continue  # the bot's own voice came back through the microphone
-                self._start_turn(utterance)
+        if self._resampler is None or self._resampler.rate != rate:
+            self._resampler = StreamResampler(rate)
+        utterances = self._detector.feed(self._resampler(audio))
+        if self._bot_active() and self._detector.hearing_speech and not self._barged:
+            if not self.guard.sounds_like_bot(self._detector.current_speech()):
+                log.info("Barge-in: the user spoke while the bot was answering")
+                self._barged = True
+                self._barge_in()
+        for utterance in utterances:
+            self._barged = False
+            if self._bot_active() and self.guard.sounds_like_bot(utterance):
+                continue  # the bot's own voice came back through the microphone
+            self._start_turn(utterance)
 
     def _bot_active(self) -> bool:
         busy = self._worker is not None and self._worker.is_alive()
         return busy or time.monotonic() < self._playing_until
 
     def _barge_in(self) -> None:
+        self._cancel.set()  # also when the turn is still being transcribed: it must not start a reply
         if self.conversation_id:
             self.service.stop(self.owner, self.conversation_id)
             self.speaker.cancel(self.conversation_id)
@@ -144,10 +166,12 @@ class VoicePeer:
 
     def _start_turn(self, utterance: np.ndarray) -> None:
         previous = self._worker
-        self._worker = threading.Thread(target=self._turn, args=(utterance, previous), name="call-turn", daemon=True)
+        self._cancel = threading.Event()
+        self._worker = threading.Thread(target=self._turn, args=(utterance, previous, self._cancel), name="call-turn",
+                                        daemon=True)
         self._worker.start()
 
-    def _turn(self, utterance: np.ndarray, previous: threading.Thread | None) -> None:
+    def _turn(self, utterance: np.ndarray, previous: threading.Thread | None, cancel: threading.Event) -> None:
         from chatbot.perception.audio import load_audio
 
         if previous is not None:
@@ -162,12 +186,15 @@ class VoicePeer:
                 log.info("Call: ignored %r (no speech %.2f, log-prob %.2f)", transcript.text,
                          transcript.no_speech_prob, transcript.avg_logprob)
                 return
+            log.info("Call: heard %r (%.1f s of speech)", transcript.text, len(utterance) / 16_000)
             self.service.encoder.remember_recording(path, transcript)
             conv = self.service.conversation(self.owner, self.conversation_id)
             self.conversation_id, self.conversation = conv.id, conv
             self._status = f"Heard ({transcript.language}): {transcript.text}"
             for reply in self.service.respond(self.owner, conv, "", [str(path)]):
                 self.reply_so_far, self._changed = reply, True
+                if cancel.is_set():  # interrupted before its reply began: it ends, marked stopped, at once
+                    self.service.stop(self.owner, conv.id)
             self.reply_so_far, self._changed = None, True
         except Exception:  # noqa: BLE001 - one failed turn must not end the call
             log.exception("A call turn failed")

@@ -25,6 +25,7 @@ _TABLE = re.compile(r"(?:^\s*\|.*\|\s*$\n?){2,}", re.M)
 _OPEN_TABLE = re.compile(r"(?:^\s*\|.*(?:\n|\Z))+\Z", re.M)
 _TABLE_RULE = re.compile(r"^\s*\|?\s*:?-{2,}")
 _LEFTOVER = re.compile(r"[*_#`|<>{}\[\]\\^~=]+")
+_CLAUSE_END = re.compile(r"[,;:](?=\s+\w+\s)")  # a clause ends once the next has a whole word
 _SENTENCE_END = re.compile(r"(?<=[.!?…])[\"”’)\]]*\s+(?=[\"“‘(\[]?[A-Z0-9À-Ý])|\n\s*\n|\n(?=\s*(?:[-*+•]|\d+[.)])\s)")
 _ABBREVIATIONS = {"e.g.", "i.e.", "etc.", "vs.", "mr.", "mrs.", "ms.", "dr.", "st.", "no.", "approx."}
 _SYMBOLS = {"&": " and ", "%": " percent", "+": " plus ", "→": " to ", "°C": " degrees Celsius",
@@ -90,22 +91,44 @@ class SentenceStream:
     """
 
     min_chars: int = 12  # "Sure." alone is a poor first clip: join very short ones with the next
+    first_clause_chars: int = 24  # the first clip may end at a comma, colon or semicolon this far in
     _said: int = field(default=0, init=False)  # speakable sentences already handed out
+    _clause: str = field(default="", init=False)  # the start of sentence `_said`, already handed out
 
     def feed(self, reply: str) -> list[str]:
         if reply.count("```") % 2:  # inside an open code block: wait for it to close
             reply = reply[: reply.rfind("```")]
         reply = _OPEN_TABLE.sub("", reply)  # a table still growing: summarise it once it ends
         sentences = split_sentences(speakable(reply))
-        return self._take(sentences[:-1])  # the last may still grow
+        out = self._take(sentences[:-1])  # the last may still grow
+        if not out and self._said == 0 and not self._clause and sentences:
+            out = self._first_clause(sentences)
+        return out
 
     def finish(self, reply: str) -> list[str]:
         return self._take(split_sentences(speakable(reply)), final=True)
 
+    def _first_clause(self, sentences: list[str]) -> list[str]:
+        """Nothing said yet: the voice starts with the first clause once it is complete (the words after
+        it have begun), not after the whole first sentence, which is what a listener waits through."""
+        before = " ".join(sentences[:-1])
+        for m in _CLAUSE_END.finditer(sentences[-1]):
+            clause = sentences[-1][: m.start() + 1]
+            if len(before) + len(clause) >= self.first_clause_chars:
+                self._said, self._clause = len(sentences) - 1, clause
+                return [f"{before} {clause}".strip()]
+        return []
+
     def _take(self, sentences: list[str], final: bool = False) -> list[str]:
         out: list[str] = []
         group: list[str] = []
-        for sentence in sentences[self._said:]:
+        for i, sentence in enumerate(sentences[self._said:]):
+            if i == 0 and self._clause:  # its first clause was said already
+                sentence = sentence.removeprefix(self._clause).strip()
+                self._clause = ""
+                if not sentence:
+                    self._said += 1
+                    continue
             group.append(sentence)
             if len(" ".join(group)) >= self.min_chars or final:
                 out.append(" ".join(group))

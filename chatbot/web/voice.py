@@ -4,17 +4,19 @@
 player (`_PLAYER_JS`): it plays the clips of the reply being spoken one after another in hidden
 <audio> elements and silences them on barge-in. The server side is one `VoicePeer` per tab;
 a timer asks it for news (new clips, the call's state, a changed conversation) while the
-speaker or a call is on.
+speaker or a call is on; during a call a second timer carries the microphone's samples (`_MIC_JS`).
 """
 
 from __future__ import annotations
 
+import base64
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import gradio as gr
+import numpy as np
 
 from chatbot.conversation.owners import ChatSession
 from chatbot.conversation.service import ChatService
@@ -62,14 +64,59 @@ _PLAYER_JS = """
   v.next();
 }
 """
+# The call's microphone. Gradio's streaming Audio drops (and truncates) chunks whenever a round
+# trip takes longer than a chunk, i.e. exactly when the server is busy answering, which lost the
+# words of a barge-in. Here the browser keeps every sample until the server acknowledges it:
+# each tick sends all unacknowledged samples with their position, so nothing is lost or doubled.
+_MIC_JS = """
+window.chatbotMic = window.chatbotMic || {
+  id: '', ctx: null, stream: null, chunks: [], first: 0,
+  async start() {
+    this.stop();
+    this.stream = await navigator.mediaDevices.getUserMedia({audio: {
+      channelCount: 1, echoCancellation: true, noiseSuppression: true, autoGainControl: true}});
+    this.ctx = new AudioContext();
+    await this.ctx.resume();
+    this.id = String(Date.now()); this.chunks = []; this.first = 0;
+    // A ScriptProcessor needs no module file (an AudioWorklet would); it only runs while connected.
+    const node = this.ctx.createScriptProcessor(4096, 1, 1);
+    node.onaudioprocess = (e) => {
+      const f = e.inputBuffer.getChannelData(0), pcm = new Int16Array(f.length);
+      for (let i = 0; i < f.length; i++) pcm[i] = Math.max(-32768, Math.min(32767, Math.round(f[i] * 32767)));
+      this.chunks.push(pcm);
+    };
+    this.ctx.createMediaStreamSource(this.stream).connect(node);
+    node.connect(this.ctx.destination);
+  },
+  stop() {
+    this.stream?.getTracks().forEach(t => t.stop());
+    this.ctx?.close();
+    this.stream = null; this.ctx = null; this.chunks = [];
+  },
+  take(ack) {
+    if (!this.ctx) return '';
+    const heard = ack && ack.startsWith(this.id + ':') ? Number(ack.split(':')[1]) : 0;
+    while (this.chunks.length && this.first + this.chunks[0].length <= heard) this.first += this.chunks.shift().length;
+    if (!this.chunks.length) return '';
+    const total = this.chunks.reduce((n, c) => n + c.length, 0), pcm = new Int16Array(total);
+    let at = 0;
+    for (const c of this.chunks) { pcm.set(c, at); at += c.length; }
+    const bytes = new Uint8Array(pcm.buffer);
+    let text = '';
+    for (let i = 0; i < bytes.length; i += 0x8000) text += String.fromCharCode(...bytes.subarray(i, i + 0x8000));
+    return JSON.stringify({stream: this.id, start: this.first, rate: this.ctx.sampleRate, pcm: btoa(text)});
+  },
+};
+"""
 # One tap starts the call: the browser's language goes to the server, and the microphone starts streaming.
-_START_CALL_JS = """
-(on) => {
-  if (!on) { setTimeout(() => document.querySelector('#call-mic button.record-button')?.click(), 300); }
-  else { document.querySelector('#call-mic button.stop-button')?.click(); }
+_START_CALL_JS = "async (on) => {" + _MIC_JS + """
+  if (on) window.chatbotMic.stop();
+  else { try { await window.chatbotMic.start(); } catch (e) { console.error('microphone', e); return 'no-microphone'; } }
   return navigator.language || '';
 }
 """
+_TAKE_MIC_JS = "(ack) => [window.chatbotMic ? window.chatbotMic.take(ack) : '']"
+MIC_SECONDS = 0.2  # how often the microphone's new samples go to the server
 
 
 @dataclass
@@ -108,16 +155,20 @@ def add_voice_controls(service: ChatService, options: VoiceOptions, session: gr.
     def toggle_call(on: bool, session: ChatSession, language: str, request: gr.Request):
         peer = peer_of(request)
         owner = owner_of(session, request)
-        if on:
+        if on or language == "no-microphone":
             peer.end_call()
-            return (False, gr.Button("📞 Start call", variant="secondary"), "", gr.skip())
+            words = "" if on else "The microphone is not available: allow it in the browser, then try again."
+            return (False, gr.Button("📞 Start call", variant="secondary"), words, gr.skip(), gr.Timer(active=False))
         peer.start_call(owner, session.conversation_id, language or None)
-        return (True, gr.Button("End call", variant="stop"), "Listening…", gr.Timer(active=True))
+        return (True, gr.Button("End call", variant="stop"), "Listening…", gr.Timer(active=True),
+                gr.Timer(active=True))
 
     def push_to_talk(path: str | None, language: str):
-        """Record, stop: the transcript lands in the message box, to correct and send like typed text."""
+        """Tap to record, tap to stop: the recording and its transcript land in the message box, to
+        correct and send (the recording stays with the turn, playable; the corrected words count)."""
         from chatbot.errors import UserFacingError
         from chatbot.perception.audio import load_audio
+        from chatbot.perception.speech import SURE_LANGUAGE
 
         if not path or options.recognizer is None:
             return gr.skip(), gr.skip(), None
@@ -127,14 +178,19 @@ def add_voice_controls(service: ChatService, options: VoiceOptions, session: gr.
             return gr.skip(), str(error), None
         if not transcript.text:
             return gr.skip(), "No words recognised; please try again.", None
-        sure = "" if transcript.language_probability >= 0.5 else ", unsure: your browser's language was used"
-        return ({"text": transcript.text, "files": []},
+        service.encoder.remember_recording(path, transcript, dictated=True)
+        sure = "" if transcript.language_probability >= SURE_LANGUAGE else ", unsure: your browser's language was used"
+        return ({"text": transcript.text, "files": [path]},
                 f"Heard ({transcript.language}{sure}). Correct it if needed, then press Enter.", None)
 
-    def hear(chunk, request: gr.Request) -> None:
-        if chunk is not None:
-            rate, samples = chunk
-            peer_of(request).hear(rate, samples)
+    def hear(packet: str, request: gr.Request):
+        """New microphone samples (see `_MIC_JS`); answers with what is heard, the browser's acknowledgement."""
+        if not packet:
+            return gr.skip()
+        p = json.loads(packet)
+        samples = np.frombuffer(base64.b64decode(p["pcm"]), "<i2")
+        heard = peer_of(request).receive(str(p["stream"]), int(p["start"]), int(p["rate"]), samples)
+        return f"{p['stream']}:{heard}"
 
     def poll(speaker_on: bool, call_on: bool, session: ChatSession, request: gr.Request):
         peer = peer_of(request)
@@ -160,26 +216,26 @@ def add_voice_controls(service: ChatService, options: VoiceOptions, session: gr.
         call_btn = gr.Button("📞 Start call", elem_id="call-button", scale=0, min_width=140,
                              interactive=options.recognizer is not None)
         status = gr.Markdown("", elem_id="voice-status")
-    talk = gr.Audio(sources=["microphone"], type="filepath", label="Push to talk: record, stop, then check and send",
-                    elem_id="push-to-talk", visible=options.recognizer is not None)
-    mic = gr.Audio(sources=["microphone"], streaming=True, type="numpy", label="Call microphone",
-                   elem_id="call-mic", visible=options.recognizer is not None)
+    talk = gr.Audio(sources=["microphone"], type="filepath", elem_id="push-to-talk",
+                    label="Push to talk: tap to record, tap to stop, then check the words and send",
+                    visible=options.recognizer is not None)
     with gr.Group(visible=False):
         clips_box = gr.Textbox(elem_id="voice-clips")
         language = gr.Textbox()
+        heard_box = gr.Textbox()  # "<stream>:<samples heard>", the microphone's acknowledgement
     call_on = gr.State(False)
     peer_key = gr.State("", delete_callback=forget)
     timer = gr.Timer(POLL_SECONDS, active=options.speak_by_default)
+    mic_timer = gr.Timer(MIC_SECONDS, active=False)
     quick = dict(queue=False, api_visibility="private")
 
     speaker_box.change(set_speaker, [speaker_box, session], [timer], **quick)
     call_btn.click(None, [call_on], [language], js=_START_CALL_JS, **quick).then(
-        toggle_call, [call_on, session, language], [call_on, call_btn, status, timer], **quick).then(
+        toggle_call, [call_on, session, language], [call_on, call_btn, status, timer, mic_timer], **quick).then(
         remember, None, [peer_key], **quick)
     talk.stop_recording(push_to_talk, [talk, language], [box, status, talk], api_visibility="private",
                         js="(path, lang) => [path, navigator.language || '']")
-    mic.stream(hear, [mic], None, stream_every=0.25, time_limit=3600, concurrency_limit=None,
-               concurrency_id="call-microphone", api_visibility="private")
+    mic_timer.tick(hear, [heard_box], [heard_box], js=_TAKE_MIC_JS, show_progress="hidden", **quick)
     timer.tick(poll, [speaker_box, call_on, session], [clips_box, status, chatbot, session], show_progress="hidden",
                **quick)
     clips_box.change(None, [clips_box], None, js=_PLAYER_JS)

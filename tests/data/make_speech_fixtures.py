@@ -29,9 +29,10 @@ CALLS = {
     "call_two_questions.wav": [1.0, "What is the capital of France?", 2.5, "And how many people live there?", 8.0],
     # Browser call test: each pause leaves room for the whole spoken reply; then silence only.
     "call_browser.wav": [1.0, "What is the capital of France?", 25.0, "And how many people live there?", 35.0],
-    # Browser barge-in test: the second sentence comes while the first reply is still being spoken.
-    "call_barge_in.wav": [1.0, "Tell me a long story about a brave dragon and a little village.", 5.0,
-                          "Stop. What is the capital of Italy?", 30.0],
+    # Browser barge-in test: a question with a long answer, and the interruption, said when the test
+    # hears the bot speak. (The bundled 0.5B coder model refuses to tell stories; it explains recipes.)
+    "call_bread.wav": [0.5, "Explain how bread is made, in ten detailed steps.", 0.5],
+    "call_stop.wav": [0.3, "Stop. What is the capital of Italy?", 0.5],
 }
 
 

@@ -1,5 +1,7 @@
 """Voice turns end to end on the real app: the bundled Whisper hears, the bundled LM answers."""
 
+import re
+import time
 from pathlib import Path
 
 import pytest
@@ -12,6 +14,7 @@ from tests.support.drivers import (
     files_of,
     message_box,
     text_of,
+    turns,
     wait_for_reply,
 )
 
@@ -67,3 +70,26 @@ def test_microphone_in_the_browser(page: Page):
     expect(users.last).to_contain_text("capital", ignore_case=True)
     expect(users.locator("audio")).to_have_count(1)  # the recording stays playable
     assert "paris" in reply.lower()
+
+
+def test_push_to_talk_one_tap_to_record_one_to_stop_then_correct_and_send(page: Page):
+    talk = page.locator("#push-to-talk")
+    talk.get_by_role("button", name="Record").click()  # tap 1 (the fake microphone asks "What is the capital...")
+    time.sleep(3.0)
+    talk.get_by_role("button", name="Stop").click()  # tap 2: the words and the recording wait in the box
+    box = message_box(page)
+    expect(box).to_have_value(re.compile("capital", re.IGNORECASE), timeout=60_000)
+    expect(page.locator("#message-box").get_by_test_id("file-preview").or_(
+        page.locator("#message-box .thumbnail-item")).first).to_be_visible()
+    box.fill("What is the capital of Italy?")  # the user corrects what Whisper heard
+    before = page.get_by_test_id("bot").count()
+    box.press("Enter")
+    reply = wait_for_reply(page, before)
+    user = turns(page, "user").last
+    expect(user.locator("audio")).to_have_count(1)  # the recording is kept with the turn...
+    expect(user).to_contain_text("What is the capital of Italy?")  # ...with the corrected words, once
+    assert user.inner_text().count("capital") == 1, user.inner_text()
+    duration = user.locator("audio").evaluate(
+        "a => new Promise(r => a.readyState >= 1 ? r(a.duration) : a.addEventListener('loadedmetadata', () => r(a.duration)))")
+    assert duration > 2.0  # playable: the whole recording
+    assert "rome" in reply.lower()  # the model answered the corrected words

@@ -71,6 +71,15 @@ def message_box(page: Page):
     return page.locator("#message-box").get_by_test_id("textbox")
 
 
+def turns(page: Page, role: str):
+    """The chat's turns of one role ("user" or "bot"), one per turn.
+
+    Gradio draws each part of a message (a recording's player, its transcript, the words) as its
+    own `data-testid` element, so a voice turn has two; the row around them is the turn.
+    """
+    return page.locator(f"#chat .message-row.{role}-row")
+
+
 def wait_for_reply(page: Page, bots_before: int, seen: list[str] | None = None) -> str:
     """Wait for a new bot message and for it to finish streaming; optionally record partial states."""
     bots = page.get_by_test_id("bot")

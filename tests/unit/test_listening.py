@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from chatbot.voice.call import CallState, VoicePeer
 from chatbot.voice.listening import (
     SAMPLE_RATE,
     EchoGuard,
@@ -112,3 +113,36 @@ def test_microphone_chunks_are_resampled_without_seams():
     assert abs(len(chunked) - 2 * SAMPLE_RATE) <= 1
     assert np.allclose(chunked, whole, atol=1e-4)  # the same as one long chunk: no clicks
     assert np.abs(np.diff(chunked[100:])).max() < 1.1 * 0.5 * 2 * np.pi * 440 / SAMPLE_RATE
+
+
+class _Ears(VoicePeer):
+    """A call's peer whose finished utterances are collected instead of answered."""
+
+    def __init__(self) -> None:
+        super().__init__(service=None, speaker=None, recognizer=None)
+        self.utterances: list[np.ndarray] = []
+        self.state, self._detector = CallState.LISTENING, UtteranceDetector(SileroVad())
+
+    def _start_turn(self, utterance: np.ndarray) -> None:
+        self.utterances.append(utterance)
+
+
+def test_microphone_packets_that_overlap_repeat_or_cross_are_heard_once_in_order():
+    # The browser resends all it has not had acknowledged, and two requests can cross on the way.
+    audio = (read_wav("call_two_questions.wav") * 32767).astype(np.int16)
+    clean = _Ears()
+    assert clean.receive("call-1", 0, SAMPLE_RATE, audio) == len(audio)
+    rng = np.random.default_rng(1)
+    ears, acked, sent = _Ears(), 0, 0
+    while acked < len(audio):
+        sent = min(len(audio), sent + int(rng.integers(1000, 9000)))
+        packets = [(acked, audio[acked:sent])]
+        if rng.random() < 0.3:  # a later packet overtakes this one: the older arrives second
+            more = min(len(audio), sent + 3000)
+            packets.insert(0, (acked, audio[acked:more]))
+            sent = more
+        for start, samples in packets:
+            acked = max(acked, ears.receive("call-1", start, SAMPLE_RATE, samples))
+    assert [len(u) for u in ears.utterances] == [len(u) for u in clean.utterances] and len(clean.utterances) == 2
+    assert all(np.array_equal(a, b) for a, b in zip(ears.utterances, clean.utterances))
+    assert ears.receive("call-2", 0, SAMPLE_RATE, audio[:100]) == 100  # a new call's stream starts again at 0

@@ -69,3 +69,14 @@ def test_stream_says_everything_once_and_waits_for_code_and_tables():
     assert " ".join(said).split() == " ".join(whole).split()  # each sentence once, in order
     assert sum("Here is the code." in s for s in said) == 1
     assert [s for s in said if "table" in s] == ["Here is a table with 2 rows of Day, Walk, km."]
+
+
+def test_the_voice_starts_with_the_first_clause():
+    reply = "The capital of France is Paris, a city on the river Seine. It is known for its museums."
+    said, when = _streamed(reply)
+    assert said == ["The capital of France is Paris,", "a city on the river Seine.", "It is known for its museums."]
+    assert when[0] < reply.index("Seine")  # spoken before the first sentence was written to its end
+    short = "Yes, of course. Paris is the capital."  # a clause this short waits for its sentence
+    assert _streamed(short)[0] == ["Yes, of course.", "Paris is the capital."]
+    joined = "Yes, it is. Paris, in France, is the capital."  # a too short first sentence joins the clause
+    assert _streamed(joined)[0] == ["Yes, it is. Paris, in France,", "is the capital."]

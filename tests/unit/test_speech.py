@@ -235,3 +235,18 @@ def test_transformers_whisper_long_form(tiny_random_whisper, clips, monkeypatch)
 def test_transformers_whisper_rejects_unknown_language(tiny_random_whisper):
     with pytest.raises(UserFacingError, match="language 'xx'"):
         load_recognizer(str(tiny_random_whisper), language="xx")
+
+
+def test_push_to_talk_words_as_corrected_go_with_the_recording_once(tiny_en, tmp_path):
+    from chatbot.perception.encoder import MultimodalEncoder
+    from chatbot.state import ObservationKind
+
+    encoder = MultimodalEncoder(tmp_path / "media", recognizer=tiny_en)
+    recording = DATA / "capital_of_france.wav"
+    encoder.remember_recording(recording, tiny_en.transcribe(load_audio(recording)), dictated=True)
+    turn = encoder.encode("What is the capital of Italy?", [recording])  # the box's words, corrected
+    spoken = [o.text for o in turn.observations if o.kind is ObservationKind.TRANSCRIPT]
+    assert turn.text == "" and spoken == ["What is the capital of Italy?"] and len(turn.attachments) == 1
+    again = encoder.encode("Which language is this?", [recording])  # sent again later: a question about it
+    assert again.text == "Which language is this?"
+    assert "france" in " ".join(o.text for o in again.observations).lower()
