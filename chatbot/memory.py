@@ -43,9 +43,10 @@ class Item:
     """A photo, recording or document the user sent, and what its notes say."""
 
     label: str  # "Photo 1"
-    names: tuple[str, ...]  # other ways a user refers to it: "first photo", "recording"
+    names: tuple[str, ...]  # other ways a user refers to it: "first photo", "second recording"
     note: str  # the notes, as one line
     turn: int
+    kind_names: tuple[str, ...] = ()  # words for its kind ("photo", "recording"): they name it when nothing else does
 
 
 @dataclass(frozen=True)
@@ -80,9 +81,12 @@ class TrackedState:
             sections.append(("What the user told you earlier (in your words to them):",
                              [f.text for f in self.facts]))
         if self.items:
-            wanted = {i for i, item in enumerate(self.items) if mentions(query, item)}
+            # The ones the message names, in full; when it names none, all of them, shortened. Listing the
+            # others beside a named photo made the 0.5B model answer from the wrong one (bench.quality).
+            named = [mentions(query, item) for item in self.items]
+            wanted = [item for item, n in zip(self.items, named, strict=True) if n and n == max(named)]
             sections.append(("Photos, recordings and documents the user sent (from their notes):",
-                             [_item_line(item, full=i in wanted) for i, item in enumerate(self.items)]))
+                             [_item_line(item, full=bool(wanted)) for item in wanted or self.items]))
         lines = _fit(sections, query, score, count_tokens, room)
         candidates = [d for d in dropped if d.text.strip()]
         if candidates:
@@ -180,13 +184,18 @@ def _second_person(sentence: str) -> str:
 
 
 # -- attachments ------------------------------------------------------------------------------------
-def mentions(query: str, item: Item) -> bool:
-    """Whether `query` names this item: its label, another name for it, or a word its notes hold."""
+def mentions(query: str, item: Item) -> int:
+    """How plainly `query` names this item: 2 by its label, another name for it or a word its notes
+    hold ("Photo 2", "the second photo", "the sign to Lisbon"), 1 only by its kind ("my photo"), else 0."""
     q = query.lower()
-    if any(name.lower() in q for name in (item.label, *item.names)):
-        return True
+
+    def said(names) -> bool:
+        return any(re.search(rf"\b{re.escape(name.lower())}", q) for name in names)
+
     note_words = {w for w in re.findall(r"[a-z]{4,}", item.note.lower())} - _COMMON
-    return bool(note_words & set(re.findall(r"[a-z]{4,}", q)))
+    if said((item.label, *item.names)) or note_words & set(re.findall(r"[a-z]{4,}", q)):
+        return 2
+    return int(said(item.kind_names))
 
 
 _COMMON = {"photo", "image", "text", "read", "from", "with", "that", "this", "what", "there", "about",

@@ -153,15 +153,18 @@ class Turn:
             if a.kind is AttachmentKind.AUDIO:
                 spoken = " ".join(o.text for o in notes if o.kind is ObservationKind.TRANSCRIPT).strip()
                 note = f'a voice message; the user said: "{spoken}"' if spoken else "a voice message without speech"
-                names = (f"{ordinal} recording", f"{ordinal} voice message", "voice message", "recording")
+                names = (f"{ordinal} recording", f"{ordinal} voice message")
+                kinds = ("voice message", "recording", "audio")
             elif a.kind is AttachmentKind.DOCUMENT:
                 about, text = _document_parts(notes)
                 note = f'{about}; it begins: "{_shorten(text, _ITEM_DOCUMENT_CHARS)}"'
-                names = (f"{ordinal} document", f"{ordinal} pdf", f"{ordinal} file", "document", "pdf")
+                names = (f"{ordinal} document", f"{ordinal} pdf", f"{ordinal} file")
+                kinds = ("document", "pdf")
             else:
                 note = _photo_details(notes)
                 names = (f"{ordinal} photo", f"{ordinal} picture", f"{ordinal} image")
-            out.append(Item(a.label, names, note, index))
+                kinds = ("photo", "picture", "image", "pic")
+            out.append(Item(a.label, names, note, index, kinds))
         return out
 
     def model_text(self) -> str:

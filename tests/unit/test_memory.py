@@ -81,8 +81,17 @@ def test_photo_notes_stay_retrievable_by_label_and_by_content():
         lines = {line.split(":", 1)[0]: line.rstrip("]") for line in note.splitlines() if line.startswith("- Photo")}
         assert not lines[f"- Photo {1 if full == 'aa' else 2} ({'first' if full == 'aa' else 'second'} photo)"] \
             .endswith("…")  # the one asked about is in full
-        assert lines[f"- Photo {2 if full == 'aa' else 1} ({'second' if full == 'aa' else 'first'} photo)"] \
-            .endswith("…")  # the other one is shortened
+        assert len(lines) == 1  # the other one is left out of the block (it is still in the history)
+    # Named only by its kind: every photo, in full; the recording, not a photo, is left out.
+    conv.add_user_turn(Turn(role=Role.USER, attachments=[Attachment(kind=AttachmentKind.AUDIO, path="/m/cc.wav",
+                                                                    sha256="cc")]))
+    asked = Conversation.from_dict(conv.to_dict())
+    asked.add_user_turn(Turn(role=Role.USER, text="What did my photo show?"))
+    note = asked.render(words, 4000)[-1].content
+    assert "- Photo 1" in note and "- Photo 2" in note and "Recording 1" not in note and "…" not in note
+    asked.turns[-1].text = "Tell me a joke."  # names nothing: every attachment, shortened
+    note = asked.render(words, 4000)[-1].content
+    assert "- Photo 1" in note and "- Photo 2" in note and "Recording 1" in note
 
 
 def test_a_recording_is_tracked_with_what_was_said():
