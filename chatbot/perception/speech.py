@@ -41,8 +41,10 @@ class SpeechRecognizer(ABC):
     name: str
 
     @abstractmethod
-    def transcribe(self, clip: AudioClip, language_hint: str | None = None) -> Transcript:
-        """`language_hint` (e.g. the browser's language) is used when detection is unsure."""
+    def transcribe(self, clip: AudioClip, language_hint: str | None = None, language: str | None = None) -> Transcript:
+        """`language_hint` (e.g. the browser's language) is used when detection is unsure; a known
+        `language` (e.g. a call's, heard surely before) skips detection, which costs a second pass of the
+        encoder in faster-whisper."""
 
 
 @dataclass(frozen=True)
@@ -85,14 +87,15 @@ class FasterWhisperRecognizer(SpeechRecognizer):
         self.language = language  # None: detect per recording
         self._lock = threading.Lock()
 
-    def transcribe(self, clip: AudioClip, language_hint: str | None = None) -> Transcript:
+    def transcribe(self, clip: AudioClip, language_hint: str | None = None, language: str | None = None) -> Transcript:
         audio = clip.waveform.numpy()
+        fixed = self.language or (language if language in self.model.supported_languages else None)
         with self._lock:  # one decode at a time: parallel ones would only fight over the same few cores
-            segments, info = self.model.transcribe(audio, language=self.language, **asdict(self.settings))
+            segments, info = self.model.transcribe(audio, language=fixed, **asdict(self.settings))
             segments = list(segments)  # lazy: decoding happens here
             language, probability = info.language, info.language_probability
             hint = (language_hint or "").split("-")[0].lower()
-            if (self.language is None and probability < SURE_LANGUAGE and hint != language
+            if (fixed is None and probability < SURE_LANGUAGE and hint != language
                     and hint in self.model.supported_languages):
                 # Unsure (a short or accented question): the browser's language is the better bet.
                 language = hint
@@ -129,7 +132,7 @@ class TransformersRecognizer(SpeechRecognizer):
         # English-only Whisper checkpoints have no language tokens but only ever produce English.
         return {token.strip("<|>") for token in self._lang_to_id} if self._lang_to_id else {"en"}
 
-    def transcribe(self, clip: AudioClip, language_hint: str | None = None) -> Transcript:
+    def transcribe(self, clip: AudioClip, language_hint: str | None = None, language: str | None = None) -> Transcript:
         import torch
 
         audio = clip.waveform.numpy()
@@ -141,7 +144,8 @@ class TransformersRecognizer(SpeechRecognizer):
         else:
             inputs = extractor(audio, sampling_rate=SAMPLE_RATE, return_tensors="pt")
         with self._lock, torch.inference_mode():
-            language = self.language or self._detect_language(inputs["input_features"])
+            known = language if self._is_whisper and language in self._languages() else None
+            language = self.language or known or self._detect_language(inputs["input_features"])
             extra = {"language": language, "task": "transcribe"} if self._lang_to_id else {}
             if long_form:
                 extra["return_timestamps"] = True

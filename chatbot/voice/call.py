@@ -37,6 +37,10 @@ from chatbot.voice.tts import write_wav
 log = logging.getLogger(__name__)
 
 PLAYBACK_SLACK = 0.5  # seconds: the browser starts a clip a little after it is handed over
+# A call keeps the language of the first turn heard this surely: detecting it again costs Whisper a second
+# pass of its encoder, about half of the wait before a reply (bench_call). Whoever switches language
+# mid-call is heard in the first one until the call is restarted.
+KEEP_LANGUAGE = 0.9
 
 
 class CallState(str, Enum):
@@ -69,6 +73,7 @@ class VoicePeer:
         self.conversation = None  # the call's Conversation, as the worker updates it
         self.reply_so_far: str | None = None
         self.language_hint: str | None = None
+        self.language: str | None = None  # the call's language, once a turn was heard in it surely
         self.state = CallState.OFF
         self.guard = EchoGuard()
         self._detector: UtteranceDetector | None = None
@@ -92,6 +97,7 @@ class VoicePeer:
             raise RuntimeError("no speech recogniser")
         with self._lock:
             self.owner, self.conversation_id, self.language_hint = owner, conversation_id, language_hint
+            self.language = None
             self.conversation = None
             if self._detector is None:
                 self._detector = UtteranceDetector(SileroVad())
@@ -180,13 +186,15 @@ class VoicePeer:
         self.state, self._status = CallState.THINKING, "Thinking…"
         try:
             path = write_wav(self._folder / f"utterance-{time.time_ns()}.wav", utterance, 16_000)
-            transcript = self.recognizer.transcribe(load_audio(path), self.language_hint)
+            transcript = self.recognizer.transcribe(load_audio(path), self.language_hint, self.language)
             if not heard_words(transcript.text, transcript.no_speech_prob, transcript.avg_logprob) \
                     or self.guard.repeats_bot(transcript.text):
                 log.info("Call: ignored %r (no speech %.2f, log-prob %.2f)", transcript.text,
                          transcript.no_speech_prob, transcript.avg_logprob)
                 return
             log.info("Call: heard %r (%.1f s of speech)", transcript.text, len(utterance) / 16_000)
+            if self.language is None and transcript.language_probability >= KEEP_LANGUAGE:
+                self.language = transcript.language
             self.service.encoder.remember_recording(path, transcript)
             conv = self.service.conversation(self.owner, self.conversation_id)
             self.conversation_id, self.conversation = conv.id, conv

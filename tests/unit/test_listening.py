@@ -1,7 +1,9 @@
 """Call mode's ears on committed recordings: utterance ends (Silero VAD), the echo guard, Whisper's doubt."""
 
+import threading
 import wave
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -146,3 +148,48 @@ def test_microphone_packets_that_overlap_repeat_or_cross_are_heard_once_in_order
     assert [len(u) for u in ears.utterances] == [len(u) for u in clean.utterances] and len(clean.utterances) == 2
     assert all(np.array_equal(a, b) for a, b in zip(ears.utterances, clean.utterances))
     assert ears.receive("call-2", 0, SAMPLE_RATE, audio[:100]) == 100  # a new call's stream starts again at 0
+
+
+class _Recognizer:
+    """Hears the words it is given, in the language it is given; records what it was asked."""
+
+    def __init__(self, heard: list[tuple[str, str, float]]):
+        self.heard, self.asked = list(heard), []
+
+    def transcribe(self, clip, language_hint=None, language=None):
+        from chatbot.perception.speech import Transcript
+
+        self.asked.append(language)
+        text, detected, sure = self.heard.pop(0)
+        return Transcript(text, language or detected, clip.duration, 1.0 if language else sure, 0.01, -0.2)
+
+
+class _Service:
+    """Just what a call turn uses of ChatService."""
+
+    class encoder:
+        @staticmethod
+        def remember_recording(path, transcript):
+            pass
+
+    def conversation(self, owner, conv_id):
+        from chatbot.state import Conversation
+
+        return Conversation()
+
+    def respond(self, owner, conv, text, files):
+        yield "Fine."
+
+
+def test_a_call_keeps_the_language_it_heard_surely_so_later_turns_skip_detection(tmp_path):
+    recognizer = _Recognizer([("wie spät ist es jetzt", "de", 0.4), ("what is the capital of Italy", "en", 0.97),
+                              ("and of France", "en", 1.0)])
+    speaker = SimpleNamespace(set_speaking=lambda owner, on: None)
+    peer = VoicePeer(service=_Service(), speaker=speaker, recognizer=recognizer)
+    peer.state, peer._folder = CallState.LISTENING, tmp_path
+    speech = read_wav("call_two_questions.wav")[16_000:48_000]
+    for _ in range(3):
+        peer._turn(speech, None, threading.Event())
+    assert recognizer.asked == [None, None, "en"]  # unsure at first: detected again; then kept
+    peer.start_call("key:ana", None, "de-DE")
+    assert peer.language is None  # a new call listens for its language again

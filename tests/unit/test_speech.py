@@ -94,6 +94,13 @@ def test_fixed_language_is_honoured(base_transcripts, clips):
     assert forced.text and forced.text != base_transcripts["capital_of_france.wav"].text
 
 
+def test_a_known_language_skips_detection_and_hears_the_same_words(base, base_transcripts, clips):
+    known = base.transcribe(clips["capital_of_france.wav"], language="en")
+    assert known.language == "en" and known.language_probability == 1.0  # detection did not run
+    assert known.text == base_transcripts["capital_of_france.wav"].text
+    assert base.transcribe(clips["capital_of_france.wav"], language="xx").language == "en"  # unknown code: detected
+
+
 def test_gradio_microphone_recording(base, tmp_path):
     mic = AF.resample(torch.from_numpy(read_wav(DATA / "capital_of_france.wav")).float(), SAMPLE_RATE, 44100)
     transcript = base.transcribe(load_audio(write_wav(tmp_path / "audio.wav", mic.numpy(), 44100)))
@@ -220,6 +227,13 @@ def test_transformers_whisper_fixed_language(tiny_random_whisper, clips, monkeyp
     calls = spy_on_generate(recognizer, monkeypatch)
     assert recognizer.transcribe(clips["elephant_giraffe.wav"]).language == "fr"
     assert calls[0]["language"] == "fr" and calls[0]["task"] == "transcribe"
+
+
+def test_transformers_whisper_known_language_for_one_recording(tiny_random_whisper, clips, monkeypatch):
+    recognizer = load_recognizer(str(tiny_random_whisper))
+    calls = spy_on_generate(recognizer, monkeypatch)
+    assert recognizer.transcribe(clips["elephant_giraffe.wav"], language="de").language == "de"
+    assert calls[-1]["language"] == "de"
 
 
 def test_transformers_whisper_long_form(tiny_random_whisper, clips, monkeypatch):
