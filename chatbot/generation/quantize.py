@@ -9,12 +9,15 @@ The input embeddings are stored as int8 rows too (looked up row by row, never as
 
 A quantized model is saved once (`save_quantized`, packed tensors) and later loaded
 straight into its quantized form (`load_quantized`): no fp32 copy of the weights is
-ever built, which is what keeps later starts small and quick.
+ever built, which is what keeps later starts small and quick. The embedding rows are
+memory-mapped from the cache rather than read: a chat only ever touches the rows of the
+tokens it uses, so most of the table never takes up memory.
 """
 
 from __future__ import annotations
 
 import json
+import mmap
 from pathlib import Path
 
 import torch
@@ -108,6 +111,7 @@ class Int8Embedding(nn.Module):
         self.num_embeddings, self.embedding_dim, self.group_size = num_embeddings, embedding_dim, group_size
         self.register_buffer("weight_int8", torch.empty(num_embeddings, embedding_dim, dtype=torch.int8, device=device))
         self.register_buffer("scale", torch.empty(num_embeddings, embedding_dim // group_size, device=device))
+        self.mapped_files: list[mmap.mmap] = []  # set by `load_quantized`: the files the buffers are mapped from
 
     @classmethod
     def quantized(cls, embedding: nn.Embedding) -> Int8Embedding:
@@ -123,6 +127,10 @@ class Int8Embedding(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         codes = F.embedding(ids, self.weight_int8).float()
         scales = F.embedding(ids, self.scale)
+        for view in self.mapped_files:
+            # The rows are copied out: let go of the file's pages (the OS keeps them cached). Left mapped, they
+            # would count as this process's memory, whole 2 MB page-cache folios at a time on a recent kernel.
+            view.madvise(mmap.MADV_DONTNEED)
         return (codes.unflatten(-1, (-1, self.group_size)) * scales[..., None]).flatten(-2)
 
 
@@ -268,7 +276,8 @@ def quantize(model: nn.Module, mode: str) -> nn.Module:
     return model
 
 
-_FORMAT = "chatbot-quantized-1"
+FORMAT_VERSION = 2  # 2: embedding rows in raw files of their own, memory-mapped
+_FORMAT = f"chatbot-quantized-{FORMAT_VERSION}"
 # torch's own format rather than safetensors: safetensors hands out tensors at the file's unaligned offsets,
 # and torch's packed int8 kernel crashed (segfault) on those. Loaded with weights_only=True, so the file can
 # hold nothing but tensors; read into memory, not mapped: the packed matmuls ran 20x slower on
@@ -281,11 +290,18 @@ def save_quantized(model: nn.Module, directory: Path) -> None:
     directory.mkdir(parents=True, exist_ok=True)
     shapes = {name: [m.in_features, m.out_features, getattr(m, "group_size", 0)] for name, m in model.named_modules()
               if isinstance(m, (Int4Linear, Int8Linear))}
+    embeddings = {name for name, m in model.named_modules() if isinstance(m, Int8Embedding)}
     shapes |= {name: [m.num_embeddings, m.embedding_dim, m.group_size] for name, m in model.named_modules()
-               if isinstance(m, Int8Embedding)}
-    torch.save({name: tensor.contiguous() for name, tensor in model.state_dict().items()}, directory / WEIGHTS_FILE)
-    (directory / MANIFEST_FILE).write_text(json.dumps({"format": _FORMAT, "torch": torch.__version__,
-                                                       "modules": shapes}, indent=1))
+               if name in embeddings}
+    state = {name: tensor.contiguous() for name, tensor in model.state_dict().items()}
+    # Embedding rows are looked up, never read whole: raw files that a later start maps instead of reading.
+    mapped = {key: state.pop(key) for key in list(state) if key.rpartition(".")[0] in embeddings}
+    for key, tensor in mapped.items():
+        (directory / f"{key}.bin").write_bytes(tensor.numpy().tobytes())
+    torch.save(state, directory / WEIGHTS_FILE)
+    (directory / MANIFEST_FILE).write_text(json.dumps({
+        "format": _FORMAT, "torch": torch.__version__, "modules": shapes,
+        "mapped": {key: [str(t.dtype).removeprefix("torch."), list(t.shape)] for key, t in mapped.items()}}, indent=1))
     model.config.save_pretrained(directory)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(directory)
@@ -306,6 +322,9 @@ def load_quantized(directory: Path) -> nn.Module:
         raise ValueError(f"{directory} holds a quantized checkpoint of another format or torch version")
     modules = manifest["modules"]
     state = torch.load(directory / WEIGHTS_FILE, weights_only=True)
+    views = {key: _mapped(directory / f"{key}.bin") for key in manifest["mapped"]}
+    state |= {key: torch.frombuffer(views[key], dtype=getattr(torch, dtype)).reshape(shape)  # keeps the view alive
+              for key, (dtype, shape) in manifest["mapped"].items()}
     config = AutoConfig.from_pretrained(directory)
     # Parameters on the meta device (no memory); buffers such as rotary frequencies are computed for real.
     with init_empty_weights(include_buffers=False):
@@ -324,8 +343,20 @@ def load_quantized(directory: Path) -> nn.Module:
 
     _restructure(model, linear, embedding)
     model.load_state_dict(state, strict=True, assign=True)
+    for name, module in model.named_modules():
+        if isinstance(module, Int8Embedding):
+            module.mapped_files = [view for key, view in views.items() if key.rpartition(".")[0] == name]
     if missing := [n for n, t in (*model.named_parameters(), *model.named_buffers()) if t.is_meta]:
         raise ValueError(f"{directory / WEIGHTS_FILE} lacks {', '.join(missing[:5])}")
     if (directory / "generation_config.json").exists():
         model.generation_config = GenerationConfig.from_pretrained(directory)
     return model.eval()
+
+
+def _mapped(path: Path) -> mmap.mmap:
+    """A raw file mapped into memory: pages are read in when touched, and only those count."""
+    with open(path, "rb") as file:
+        # Copy-on-write: a private view (the file is never changed) that torch may treat as writable.
+        view = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_COPY)
+    view.madvise(mmap.MADV_RANDOM)  # rows are read one token at a time: no read-ahead around each
+    return view

@@ -23,6 +23,7 @@ from transformers import (
     AutoModelForSeq2SeqLM,
     AutoTokenizer,
     DynamicCache,
+    PreTrainedTokenizerFast,
     StoppingCriteria,
     StoppingCriteriaList,
     TextIteratorStreamer,
@@ -33,7 +34,7 @@ from chatbot.errors import UserFacingError
 from chatbot.generation import decode_step
 from chatbot.generation.base import FinishReason, GenerationSettings, done, prompt_budget
 from chatbot.generation.prefix_cache import PrefixCache
-from chatbot.generation.quantize import load_quantized, quantize, save_quantized
+from chatbot.generation.quantize import FORMAT_VERSION, load_quantized, quantize, save_quantized
 from chatbot.state import Message, Role
 
 log = logging.getLogger(__name__)
@@ -273,7 +274,9 @@ def _load_generator(spec: str, quantization: str, max_context: int) -> Transform
     try:
         path = str(weights.CHAT_MODELS[spec].checkpoint_dir()) if spec in weights.CHAT_MODELS else spec
         config = AutoConfig.from_pretrained(path)
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        # The bundled checkpoints carry a tokenizer.json: loaded as it is, the tokenizer keeps no Python copy of
+        # its vocabulary and merges as the model-specific classes do (Qwen2's: 50 MB more, the same token ids).
+        tokenizer = (PreTrainedTokenizerFast if spec in weights.CHAT_MODELS else AutoTokenizer).from_pretrained(path)
         backend = Seq2SeqGenerator if config.is_encoder_decoder else CausalChatGenerator
         if spec in weights.CHAT_MODELS and quantization != "none":
             model = load_bundled(spec, quantization)
@@ -299,7 +302,7 @@ def _load_generator(spec: str, quantization: str, max_context: int) -> Transform
 def load_bundled(key: str, mode: str):
     """A bundled chat model, quantized with `mode`, from its quantized checkpoint (made at the first start).
 
-    Later starts build no fp32 weights at all: the packed tensors are mapped from the cache.
+    Later starts build no fp32 weights at all: the packed tensors are read (embedding rows mapped) from the cache.
     """
     bundled = weights.CHAT_MODELS[key]
 
@@ -308,5 +311,7 @@ def load_bundled(key: str, mode: str):
         fp32 = AutoModelForCausalLM.from_pretrained(bundled.checkpoint_dir(), dtype=torch.float32)
         save_quantized(quantize(fp32.eval(), mode), folder)
 
-    # The int4 packing is the CPU kernel's own layout: a torch release may change it, so its version names the folder.
-    return load_quantized(bundled.quantized_dir(mode, build, f"torch{torch.__version__.split('+')[0]}"))
+    # The int4 packing is the CPU kernel's own layout: a torch release may change it, so its version names the
+    # folder, as does the file layout (checkouts of another layout sharing the cache keep their own folder).
+    version = f"v{FORMAT_VERSION}-torch{torch.__version__.split('+')[0]}"
+    return load_quantized(bundled.quantized_dir(mode, build, version))

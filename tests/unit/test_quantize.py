@@ -1,6 +1,8 @@
 """quantize() on a tiny randomly initialised causal LM: logits stay close to fp32 and generate still works;
 a quantized checkpoint saved once loads back to the very same model without building fp32 weights."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -123,3 +125,28 @@ def test_a_checkpoint_of_another_torch_version_is_refused(tmp_path):
     manifest.write_text(manifest.read_text().replace(torch.__version__, "0.0.1"))
     with pytest.raises(ValueError, match="torch version"):
         load_quantized(tmp_path)
+
+
+def test_the_embedding_rows_are_mapped_from_the_checkpoint_and_looked_up_without_holding_its_pages(tmp_path):
+    in_memory = quantize(tiny_lm(), "int4")
+    save_quantized(in_memory, tmp_path)
+    model = load_quantized(tmp_path)
+    table = model.get_input_embeddings().weight_int8
+    mapped = [m for m in _mappings() if m["start"] <= table.data_ptr() < m["end"]]
+    assert mapped and Path(mapped[0]["file"]).parent == tmp_path  # a file-backed view, not anonymous memory
+    assert torch.equal(logits(model, IDS), logits(in_memory, IDS))
+    # The looked-up rows were copied out and the file's pages let go: none count as the process's memory.
+    assert sum(m["rss_kb"] for m in _mappings() if m["file"].startswith(str(tmp_path))) == 0
+
+
+def _mappings() -> list[dict]:
+    """This process's memory mappings from /proc/self/smaps: start, end, file ("" if anonymous), rss_kb."""
+    found = []
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if "-" in fields[0] and len(fields) >= 5:
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            found.append({"start": start, "end": end, "file": fields[5] if len(fields) > 5 else "", "rss_kb": 0})
+        elif fields[0] == "Rss:":
+            found[-1]["rss_kb"] = int(fields[1])
+    return found
