@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
+import sys
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Generator
@@ -38,6 +39,11 @@ from chatbot.generation.quantize import FORMAT_VERSION, load_quantized, quantize
 from chatbot.state import Message, Role
 
 log = logging.getLogger(__name__)
+
+# Triton compiles GPU kernels: nothing here uses it, but it comes with torch's PyPI wheel, and transformers'
+# model code (through torch._dynamo) imports it when installed: 50 MB of memory for nothing. That import
+# happens when a model is first loaded, after this line, which marks the package absent.
+sys.modules.setdefault("triton", None)
 
 # All torch work of reply models (loading, quantizing, generating) runs on this one thread: torch's
 # OpenMP pool belongs to the calling thread, and a second pool competing for the cores cost a third

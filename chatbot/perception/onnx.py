@@ -25,11 +25,35 @@ def onnxruntime() -> ModuleType:
     return ort
 
 
-def session(model: str | os.PathLike, threads: int = 1):
-    """A CPU inference session for `model` on `threads` cores, quiet in the log."""
+def session(model: str | os.PathLike, threads: int = 1, *, give_back_memory: bool = False):
+    """A CPU inference session for `model` on `threads` cores, quiet in the log.
+
+    give_back_memory: for models whose working memory is large and used rarely (OCR on a photo): the
+    session's memory arena is shrunk after each run instead of being kept at its largest.
+    """
     ort = onnxruntime()
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.log_severity_level = 3  # errors only: its warnings about unused initialisers are noise here
-    return ort.InferenceSession(str(model), sess_options=options, providers=["CPUExecutionProvider"])
+    made = ort.InferenceSession(str(model), sess_options=options, providers=["CPUExecutionProvider"])
+    return _ShrinkingSession(made) if give_back_memory else made
+
+
+class _ShrinkingSession:
+    """An InferenceSession whose runs end by giving the memory arena's free blocks back.
+
+    Measured on RapidOCR's text detector (a 736×1120 input): peak +135 MB and +50 MB kept after the run,
+    against peak +230-330 MB without an arena (RapidOCR's own setting) and +135 MB kept with a plain arena.
+    """
+
+    def __init__(self, session) -> None:
+        self._session = session
+        self._options = onnxruntime().RunOptions()
+        self._options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+
+    def run(self, output_names, input_feed, run_options=None):
+        return self._session.run(output_names, input_feed, run_options or self._options)
+
+    def __getattr__(self, name: str):
+        return getattr(self._session, name)
