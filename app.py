@@ -8,7 +8,7 @@ import socket
 import sys
 import tempfile
 
-from chatbot import heap, media
+from chatbot import footprint, media
 from chatbot.config import NO_MODEL, Config, parse_args
 
 
@@ -30,7 +30,7 @@ def configure_environment(config: Config) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if config.threads:
         os.environ["OMP_NUM_THREADS"] = str(config.threads)
-    heap.limit_arenas()  # before the model and request threads start: each would otherwise get a heap of its own
+    footprint.limit_arenas()  # before the model and request threads start: each would otherwise get a heap of its own
 
 
 def build_service(config: Config):

@@ -28,12 +28,17 @@ def common_prefix_length(a: torch.Tensor, b: torch.Tensor) -> int:
 
 
 class PrefixCache:
-    """A few recent KV caches, looked up by longest shared token prefix. Not thread-safe:
-    the decoder uses it under its generation lock."""
+    """A few recent KV caches, looked up by longest shared token prefix, within a memory budget.
+    Not thread-safe: the decoder uses it under its generation lock.
 
-    def __init__(self, slots: int = 8, min_reuse: int = 8):
+    The budget matters: Qwen2.5-0.5B's cache is 24 KB per token, 50 MB for a full 2,048-token window,
+    and eight slots of those made up a third of the app's memory after a long chat.
+    """
+
+    def __init__(self, slots: int = 8, min_reuse: int = 8, max_bytes: int = 128 * 2**20):
         self.slots = slots
         self.min_reuse = min_reuse  # shorter matches are not worth a copy
+        self.max_bytes = max_bytes  # the newest entry is kept even if it alone is larger
         self._entries: list[_Entry] = []  # least recently used first
 
     def take(self, ids: torch.Tensor) -> Cache | None:
@@ -60,6 +65,16 @@ class PrefixCache:
         self._entries = [e for e in self._entries if common_prefix_length(e.ids, ids) < len(e.ids)]
         self._entries.append(_Entry(ids, cache))
         del self._entries[: -self.slots]
+        while len(self._entries) > 1 and sum(map(_nbytes, self._entries)) > self.max_bytes:
+            del self._entries[0]
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+def _nbytes(entry: _Entry) -> int:
+    """Memory held by an entry's cache: whole storages (a cropped cache still holds its uncropped tensors)."""
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+                for layer in getattr(entry.cache, "layers", ()) for t in (layer.keys, layer.values)
+                if isinstance(t, torch.Tensor)}
+    return sum(storages.values())

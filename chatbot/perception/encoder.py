@@ -15,7 +15,7 @@ from collections import OrderedDict
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from chatbot import heap, media
+from chatbot import footprint, media
 from chatbot.errors import UserFacingError
 from chatbot.state import (
     Attachment,
@@ -136,7 +136,7 @@ class MultimodalEncoder:
                 notes.extend(analyzer.analyze(image, question))
             except Exception:  # noqa: BLE001 - one failing analyzer must not lose the photo
                 log.exception("Image analyzer %s failed on %s", analyzer.name, path.name)
-        heap.give_back()  # the decoded photo and the models' buffers: hundreds of MB, not needed until the next
+        footprint.give_back()  # the decoded photo and the models' buffers: hundreds of MB, not needed until the next
         return notes
 
     def _read_document(self, path: Path) -> list[Observation]:

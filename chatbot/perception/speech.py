@@ -14,7 +14,7 @@ from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from chatbot import heap, weights
+from chatbot import footprint, weights
 from chatbot.errors import UserFacingError
 from chatbot.perception.audio import SAMPLE_RATE, AudioClip
 
@@ -100,7 +100,7 @@ class FasterWhisperRecognizer(SpeechRecognizer):
                 # Unsure (a short or accented question): the browser's language is the better bet.
                 language = hint
                 segments = list(self.model.transcribe(audio, language=hint, **asdict(self.settings))[0])
-        heap.give_back()  # the decoder's buffers, not needed until the next recording
+        footprint.give_back()  # the decoder's buffers, not needed until the next recording
         text = " ".join(s.text.strip() for s in segments)
         words = sum(len(s.tokens) for s in segments)
         return Transcript(

@@ -201,3 +201,24 @@ def test_with_the_tracked_state_block_a_turn_reads_only_the_block_and_its_questi
             list(service.respond("key:ana", conv, question))
         assert seen.lengths[0] <= block_and_question + 2  # + the reply header's tokens at most
         wait_idle()  # the user reads the reply and types the next message
+
+
+def test_pool_drops_the_oldest_entries_beyond_its_memory_budget(generator):
+    from transformers import DynamicCache
+
+    def cache_for(ids):
+        cache = DynamicCache(config=generator.model.config)
+        with torch.no_grad():
+            generator.model(input_ids=ids[None], past_key_values=cache, use_cache=True)
+        return cache
+
+    a, b, c = torch.arange(5, 25), torch.arange(30, 50), torch.arange(60, 80)
+    one = sum(t.untyped_storage().nbytes() for layer in cache_for(a).layers for t in (layer.keys, layer.values))
+    pool = PrefixCache(slots=8, min_reuse=1, max_bytes=2 * one)
+    for ids in (a, b, c):
+        pool.put(ids, cache_for(ids))
+    assert len(pool) == 2 and pool.take(torch.cat([a, c])) is None  # the oldest went, though slots were free
+    assert pool.take(torch.cat([c, a])).get_seq_length() == len(c)
+    small = PrefixCache(slots=8, min_reuse=1, max_bytes=1)
+    small.put(a, cache_for(a))
+    assert len(small) == 1  # the newest stays, whatever its size
