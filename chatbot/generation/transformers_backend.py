@@ -180,6 +180,8 @@ class TransformersGenerator(ABC):
                 failure.append(error)
             finally:
                 streamer.end()
+                # Each step re-allocated the growing KV cache: free pages the heap would otherwise keep.
+                footprint.give_back()
 
         self._count_waiting(+1)
         worker = _MODEL_THREAD.submit(run)

@@ -222,3 +222,22 @@ def test_pool_drops_the_oldest_entries_beyond_its_memory_budget(generator):
     small = PrefixCache(slots=8, min_reuse=1, max_bytes=1)
     small.put(a, cache_for(a))
     assert len(small) == 1  # the newest stays, whatever its size
+
+
+def test_a_continuing_prompt_takes_the_entry_over_and_a_diverging_one_gets_a_copy(generator):
+    from transformers import DynamicCache
+
+    def cache_for(ids):
+        cache = DynamicCache(config=generator.model.config)
+        with torch.no_grad():
+            generator.model(input_ids=ids[None], past_key_values=cache, use_cache=True)
+        return cache
+
+    shared, mine, theirs = torch.arange(5, 15), torch.arange(20, 40), torch.arange(50, 70)
+    pool = PrefixCache(min_reuse=1)
+    stored = cache_for(torch.cat([shared, mine]))
+    pool.put(torch.cat([shared, mine]), stored)
+    other = pool.take(torch.cat([shared, theirs]))  # shares a third: a copy, the entry stays
+    assert other is not stored and other.get_seq_length() == len(shared) and len(pool) == 1
+    again = pool.take(torch.cat([shared, mine, theirs]))  # continues it: handed over, no copy
+    assert again is stored and again.get_seq_length() == len(shared) + len(mine) and len(pool) == 0
