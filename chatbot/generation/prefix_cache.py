@@ -32,10 +32,11 @@ class PrefixCache:
     Not thread-safe: the decoder uses it under its generation lock.
 
     The budget matters: Qwen2.5-0.5B's cache is 24 KB per token, 50 MB for a full 2,048-token window,
-    and eight slots of those made up a third of the app's memory after a long chat.
+    and eight slots of those made up a third of the app's memory after a long chat. 64 MB holds one
+    conversation's window and the system prompt's; windows left behind by a moved window go first.
     """
 
-    def __init__(self, slots: int = 8, min_reuse: int = 8, max_bytes: int = 128 * 2**20):
+    def __init__(self, slots: int = 8, min_reuse: int = 8, max_bytes: int = 64 * 2**20):
         self.slots = slots
         self.min_reuse = min_reuse  # shorter matches are not worth a copy
         self.max_bytes = max_bytes  # the newest entry is kept even if it alone is larger
