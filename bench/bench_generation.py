@@ -22,15 +22,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
-
-import torch
-from transformers.generation.streamers import BaseStreamer
 
 from bench import llama_cpp_peer
 from chatbot.weights import CHAT_MODELS
@@ -59,8 +55,8 @@ def _long_chat(turns: int = 30) -> list[dict]:
 PROMPTS = {"short": [QUESTION], "long": _long_chat()}
 
 
-class _TokenClock(BaseStreamer):
-    """Records when each generated token arrives (generate first hands over the prompt; skipped)."""
+class _TokenClock:
+    """A `generate` streamer recording when each token arrives (generate first hands over the prompt; skipped)."""
 
     def __init__(self):
         self.stamps: list[float] = []
@@ -83,7 +79,9 @@ def prompt_ids(model_key: str, messages: list[dict]) -> list[int]:
     return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"])
 
 
-def _timed_generate(model, ids: torch.Tensor, max_new_tokens: int) -> tuple[float, float]:
+def _timed_generate(model, ids, max_new_tokens: int) -> tuple[float, float]:
+    import torch
+
     clock = _TokenClock()
     start = time.perf_counter()
     with torch.inference_mode():
@@ -98,6 +96,7 @@ def _timed_generate(model, ids: torch.Tensor, max_new_tokens: int) -> tuple[floa
 def measure_transformers(model_key: str, mode: str, ids: list[int], max_new_tokens: int, threads: int,
                          repeats: int) -> dict:
     """Load the model as the app does (quantized checkpoint; fp32 for "none") and time greedy `generate`."""
+    import torch
     from transformers import AutoModelForCausalLM
 
     from chatbot.generation import decode_step
@@ -130,8 +129,17 @@ def measure(runtime: str, model_key: str, ids: list[int], max_new_tokens: int, t
         result["file_mb"] = path.stat().st_size / 1e6
     else:
         result = measure_transformers(model_key, runtime, ids, max_new_tokens, threads, repeats)
-    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+    result["peak_rss_mb"] = peak_rss_mb()
     return result
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory since it started (VmHWM). Not getrusage's ru_maxrss: a child
+    process inherits its parent's peak through fork and exec, so every worker reported the parent's."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def measure_in_subprocess(runtime: str, model_key: str, ids: list[int], max_new_tokens: int, threads: int,
@@ -203,7 +211,9 @@ def run(runtimes: list[str], model_key: str, prompt: str, max_new_tokens: int, t
 def write_results(rows: list[dict], settings: dict) -> Path:
     RESULTS_DIR.mkdir(exist_ok=True)
     path = RESULTS_DIR / f"generation-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.write_text(json.dumps({"settings": settings, "torch": torch.__version__, "rows": rows}, indent=2))
+    from importlib.metadata import version
+
+    path.write_text(json.dumps({"settings": settings, "torch": version("torch"), "rows": rows}, indent=2))
     return path
 
 
