@@ -33,6 +33,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+_SYSTEM_TEMP = tempfile.gettempdir()
 ROOT = Path(__file__).resolve().parent.parent
 OWNER = "key:quality-bench"
 
@@ -324,7 +325,8 @@ def run(model: str, quantize: str, setting_names: list[str], label: str, parts=P
     from chatbot.config import Config
 
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
+    # The app points `tempfile` at a folder inside its data dir; the next model's run must not start there.
+    with tempfile.TemporaryDirectory(dir=_SYSTEM_TEMP) as tmp:
         config = Config(text_model=model, quantize=quantize, data_dir=Path(tmp))
         app.configure_environment(config)
         service = app.build_service(config)
