@@ -3,9 +3,10 @@
     python -m bench.bench_call [--runs 3]
 
 Drives `VoicePeer` the way the page does (`receive`: microphone packets every 0.2 s at real-time
-pace) with a committed question followed by silence. The clock starts when the packet holding
-the last voiced sample is handed over and stops when the first clip of the reply exists as
-audio. Each run is broken down by stage, timed at the real components' own calls:
+pace): each run is a call of the two committed questions, each followed by silence, the order
+alternating from run to run; a call's first turn detects the spoken language, later turns keep it.
+The clock starts when the packet holding the last voiced sample is handed over and stops when the
+first clip of the reply exists as audio. Each run is broken down by stage, timed at the real components' own calls:
   vad      end of speech -> the VAD declares the utterance over (its end-of-utterance silence)
   whisper  transcription of the utterance (Whisper base)
   turn     the user turn encoded and stored, the prompt rendered
@@ -33,6 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 QUESTIONS = ["capital_of_france.wav", "elephant_giraffe.wav"]
 PACKET = 3200  # 0.2 s at 16 kHz, as the page's microphone timer sends
 STAGES = ["vad", "whisper", "turn", "prompt", "sentence", "tts"]
+FIRST, LATER = "first (language detected)", "later (language kept)"
 
 
 def read(name: str) -> np.ndarray:
@@ -91,11 +93,11 @@ class Timeline:
         return {s: times[i + 1] - times[i] for i, s in enumerate(STAGES)} | {"total": times[-1] - ended}
 
 
-def one_call(peer, service, timeline: Timeline, audio: np.ndarray, name: str) -> dict[str, float]:
+def one_turn(peer, service, timeline: Timeline, audio: np.ndarray, name: str) -> dict[str, float]:
+    """One question and its spoken reply, in the call going on (`name` is a new microphone stream)."""
     voiced = np.nonzero(np.abs(audio) > 300)[0]
     speech_end_packet = int(voiced[-1]) // PACKET
     stream = np.concatenate([audio, np.zeros(16_000 * 6, audio.dtype)])
-    peer.start_call("bench", None, "en")
     timeline.marks.clear()
     ended = None
     next_time = time.monotonic()
@@ -112,8 +114,16 @@ def one_call(peer, service, timeline: Timeline, audio: np.ndarray, name: str) ->
             raise RuntimeError("the call produced no spoken reply")
         time.sleep(0.01)
     peer._worker.join()
-    peer.end_call()
     return timeline.stages(ended)
+
+
+def one_call(peer, service, timeline: Timeline, questions: list[str], run: int) -> list[dict[str, float]]:
+    """A call of one turn per question: the first detects the spoken language, later ones keep it."""
+    peer.start_call("bench", None, "en")
+    try:
+        return [one_turn(peer, service, timeline, read(q), f"{q}-{run}") for q in questions]
+    finally:
+        peer.end_call()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -130,12 +140,13 @@ def main(argv: list[str] | None = None) -> None:
         service = app.build_service(config)
         peer = VoicePeer(service, service.listener, service.encoder.recognizer)
         timeline = Timeline(peer, service)
-        one_call(peer, service, timeline, read(QUESTIONS[0]), "warm-up")  # first-call costs are not per turn
-        rows: dict[str, list[dict[str, float]]] = {q: [] for q in QUESTIONS}
-        for run in range(args.runs):  # the questions alternate, so load changes spread over both
-            for q in QUESTIONS:
-                rows[q].append(one_call(peer, service, timeline, read(q), f"{q}-{run}"))
-    print("\n| question | " + " | ".join(STAGES) + " | voice-to-voice s (median) | runs (total) |")
+        one_call(peer, service, timeline, QUESTIONS[:1], -1)  # first-call costs are not per turn
+        rows: dict[str, list[dict[str, float]]] = {FIRST: [], LATER: []}
+        for run in range(args.runs):  # which question comes first alternates, so both are in both rows
+            first, later = one_call(peer, service, timeline, QUESTIONS[::1 if run % 2 == 0 else -1], run)
+            rows[FIRST].append(first)
+            rows[LATER].append(later)
+    print("\n| turn of the call | " + " | ".join(STAGES) + " | voice-to-voice s (median) | runs (total) |")
     print("| --- | " + " | ".join("---:" for _ in STAGES) + " | ---: | --- |")
     for q, runs in rows.items():
         medians = [statistics.median(r[s] for r in runs) for s in STAGES + ["total"]]
