@@ -4,10 +4,6 @@ prompt, and every hostile or broken PDF refused with a friendly message at a bou
 from __future__ import annotations
 
 import base64
-import json
-import subprocess
-import sys
-import textwrap
 import zlib
 from pathlib import Path
 
@@ -22,6 +18,7 @@ from chatbot.state import AttachmentKind, Conversation, ObservationKind
 from chatbot.web.openai_api import ApiError, _messages
 from harness.documents import scanned_pdf, text_pdf
 from harness.pictures import sign
+from tests.support.peak_memory import peak_rss_growth_mb
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -239,33 +236,14 @@ def test_a_picture_bomb_on_a_scanned_page_is_refused_before_it_is_decoded(tmp_pa
 
 def test_pdf_bombs_cost_little_memory(tmp_path):
     bombs = [page_tree_bomb(tmp_path / "a.pdf", 1), content_bomb(tmp_path / "b.pdf"), image_bomb(tmp_path / "c.pdf")]
-    script = textwrap.dedent("""
-        import json, resource, sys
-        from pathlib import Path
-        from chatbot.errors import UserFacingError
+    loader = """
         from chatbot.perception.documents import load_document
 
-        def peak_mb():
-            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-        def read(path):  # as the encoder with OCR would, minus the OCR model (pictures are decoded)
+        def load(path):  # as the encoder with OCR would, minus the OCR model (pictures are decoded)
             return load_document(path, max_bytes=2**30, max_pages=100, max_pixels=40_000_000,
                                  read_image=lambda image: [])
-
-        read(sys.argv[1])  # warm up on a real PDF: imports, pypdf's tables
-        base, growth = peak_mb(), {}
-        for path in sys.argv[2:]:
-            try:
-                read(path)
-            except UserFacingError:
-                pass
-            growth[path] = peak_mb() - base
-        print(json.dumps(growth))
-    """)
-    normal = text_pdf(tmp_path / "normal.pdf", ["A normal page"])
-    out = subprocess.run([sys.executable, "-c", script, str(normal), *map(str, bombs)],
-                         cwd=ROOT, capture_output=True, text=True, timeout=120, check=True).stdout
-    growth = json.loads(out.splitlines()[-1])
+    """
+    growth = peak_rss_growth_mb(loader, text_pdf(tmp_path / "normal.pdf", ["A normal page"]), bombs, timeout=120)
     # Inflated whole they would take 100-225 MB more (the page tree: ever more); pypdf's own default limits
     # (75 MB a stream) stop them later than ours (20 MB).
     assert all(mb < 60 for mb in growth.values()), growth

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-import textwrap
 import wave
 from pathlib import Path
 
@@ -14,6 +10,7 @@ import pytest
 
 from chatbot.errors import UserFacingError
 from chatbot.perception.audio import load_audio
+from tests.support import peak_memory
 
 ROOT = Path(__file__).resolve().parents[2]
 SPEECH = ROOT / "tests" / "data" / "capital_of_france.wav"
@@ -32,28 +29,7 @@ def rate_bomb(path: Path, rate: int, frames: int = 8000) -> Path:
 
 def peak_rss_growth_mb(files: list[Path]) -> dict[str, float]:
     """Decode each file in a fresh process; how far its peak RSS rose above a normal recording's."""
-    script = textwrap.dedent("""
-        import json, resource, sys
-        from chatbot.errors import UserFacingError
-        from chatbot.perception.audio import load_audio
-
-        def peak_mb():
-            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-        load_audio(sys.argv[1])  # warm up: imports, FFmpeg, torch's allocator
-        base = peak_mb()
-        growth = {}
-        for path in sys.argv[2:]:
-            try:
-                load_audio(path)
-            except UserFacingError:
-                pass
-            growth[path] = peak_mb() - base
-        print(json.dumps(growth))
-    """)
-    out = subprocess.run([sys.executable, "-c", script, str(SPEECH), *map(str, files)], cwd=ROOT,
-                         capture_output=True, text=True, timeout=300, check=True).stdout
-    return json.loads(out.splitlines()[-1])
+    return peak_memory.peak_rss_growth_mb("from chatbot.perception.audio import load_audio as load", SPEECH, files)
 
 
 def test_declared_sample_rate_does_not_blow_up_memory(tmp_path):
