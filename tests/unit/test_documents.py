@@ -20,7 +20,6 @@ from harness.documents import scanned_pdf, text_pdf
 from harness.pictures import sign
 from tests.support.peak_memory import peak_rss_growth_mb
 
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
