@@ -21,7 +21,6 @@ from harness.pictures import sign
 from tests.support.peak_memory import peak_rss_growth_mb
 
 
-
 @pytest.fixture
 def encoder(tmp_path):
     return MultimodalEncoder(tmp_path / "media")  # no OCR: scanned pages are left unread
