@@ -32,11 +32,11 @@ class PrefixCache:
     Not thread-safe: the decoder uses it under its generation lock.
 
     The budget matters: Qwen2.5-0.5B's cache is 24 KB per token, 50 MB for a full 2,048-token window,
-    and eight slots of those made up a third of the app's memory after a long chat. 64 MB holds one
-    conversation's window and the system prompt's; windows left behind by a moved window go first.
+    and eight slots of those made up a third of the app's memory after a long chat. The decoder gives
+    it room for two full windows and a system prompt (`budget_for`); windows left behind go first.
     """
 
-    def __init__(self, slots: int = 8, min_reuse: int = 8, max_bytes: int = 64 * 2**20):
+    def __init__(self, slots: int = 8, min_reuse: int = 8, max_bytes: int = 112 * 2**20):
         self.slots = slots
         self.min_reuse = min_reuse  # shorter matches are not worth a copy
         self.max_bytes = max_bytes  # the newest entry is kept even if it alone is larger
@@ -78,6 +78,21 @@ class PrefixCache:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+
+def budget_for(config, context_tokens: int) -> int:
+    """Bytes for two full windows of `context_tokens` and a system prompt, for a model of this config.
+
+    Two, because a conversation's window and the moved window its read-ahead prepared (turns before it
+    is needed) must both stay: with room for one (64 MB), the read-ahead was evicted by the next turn and
+    the turn that moved the window read all of it again (1,513 tokens instead of 31, bench_app's chat).
+    """
+    text = getattr(config, "text_config", None) or config
+    heads = text.num_attention_heads
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    per_token = text.num_hidden_layers * 2 * kv_heads * head_dim * 4  # keys and values, float32 on the CPU
+    return (2 * context_tokens + 256) * per_token
 
 
 def _nbytes(entry: _Entry) -> int:

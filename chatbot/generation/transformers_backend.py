@@ -34,7 +34,7 @@ from chatbot import footprint, weights
 from chatbot.errors import UserFacingError
 from chatbot.generation import decode_step
 from chatbot.generation.base import FinishReason, GenerationSettings, done, prompt_budget
-from chatbot.generation.prefix_cache import PrefixCache
+from chatbot.generation.prefix_cache import PrefixCache, budget_for
 from chatbot.generation.quantize import FORMAT_VERSION, load_quantized, quantize, save_quantized
 from chatbot.state import Message, Role
 
@@ -222,7 +222,7 @@ class CausalChatGenerator(TransformersGenerator):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.prefix_cache = PrefixCache()
+        self.prefix_cache = PrefixCache(max_bytes=budget_for(self.model.config, self.context_tokens))
 
     def prefill(self, messages: list[Message]) -> Future:
         ids = self.tokenizer.apply_chat_template(_chat(messages), return_dict=True, return_tensors="pt")["input_ids"]
