@@ -21,15 +21,15 @@ from chatbot.memory import Item, Relevance, Said, TrackedState
 # Worded on the quality bench (bench.quality) with the 0.5B default: each line here shifts what a small model does.
 # A line about the "[Notes for you]" block (chatbot.memory) made it refuse harmless requests ("I'm sorry, but I
 # can't assist with that request" to a story about a dragon); the block's own header says how to use it instead.
-# The last line sometimes makes it say "I cannot tell" of a readable sign (photo recall 50 % against 75 % without
-# it), but without it fact recall fell (25 turns: 100 % -> 86 %): on the bench, the line stays.
+# A line "if a photo's notes say the models could not tell, say you cannot tell" made it say so of readable signs
+# ("The sign says that the image models could not tell"; photo recall 50 % against 75 % without it). A photo's
+# note itself says "The image models could not tell what it shows", which is enough for noise and blank photos.
 DEFAULT_SYSTEM_PROMPT = (
     "You are a friendly, helpful assistant in a chat app. Users can type, attach photos and "
     "speak. You cannot see photos or hear audio directly: you get notes about each attachment "
     "in square brackets (text read from a photo, what was detected in it, a transcript of "
     "speech). Use those notes and everything said earlier in the conversation. When the user mentions a photo or "
-    "recording, find it in the bracketed notes of earlier messages and answer from them. Answer briefly. "
-    "If a photo's notes say the image models could not tell, say you cannot tell what it shows."
+    "recording, find it in the bracketed notes of earlier messages and answer from them. Answer briefly."
 )
 
 
