@@ -146,6 +146,8 @@ _REQUEST = re.compile(r"^\s*(please|can|could|would|will|should|shall|do|does|di
                       r"where|when|who|whom|which|tell|give|help|show|look|see|check|let|suggest|recommend|"
                       r"write|explain|describe|translate|list|reply|answer|make|find|name|remind|hi|hello|hey|"
                       r"thanks|thank)\b", re.I)
+# Sentences that hand something over ("Here is a photo I took"): about the attachment, which is tracked apart.
+_PRESENTING = re.compile(r"^\s*(here|here's|attached)\b", re.I)
 _SWAPS = {"i": "you", "i'm": "you're", "i've": "you've", "i'd": "you'd", "i'll": "you'll", "my": "your",
           "me": "you", "mine": "yours", "our": "your", "ours": "yours", "we": "you", "we're": "you're",
           "us": "you", "myself": "yourself", "am": "are", "was": "were"}
@@ -157,7 +159,8 @@ def facts_in(text: str, turn: int) -> list[Fact]:
     facts = []
     for sentence in _sentences(text):
         words = sentence.split()
-        if len(words) < 3 or not _FIRST_PERSON.search(sentence) or _REQUEST.match(sentence):
+        if len(words) < 3 or not _FIRST_PERSON.search(sentence) or _REQUEST.match(sentence) \
+                or _PRESENTING.match(sentence):
             continue
         key_match = _KEY.search(sentence)
         key = key_match.group(1).lower() if key_match else " ".join(w.lower() for w in words)

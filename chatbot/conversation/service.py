@@ -354,7 +354,7 @@ class ChatService:
         if failed or settings.stop:
             # The whole of it: an ending held back as a possible stop string, or what came before a failure.
             yield before + reply
-        if finished:
+        if finished and not interrupted:  # a stop frees the CPU: nothing is read ahead after it
             # While the user reads and types, read what the next prompt will start with: the window the next
             # turns will move to (if near), else the history as it stands. The latter is needed because the
             # tracked-state block sat in front of the question just answered and is gone from it next turn,

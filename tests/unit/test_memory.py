@@ -24,6 +24,7 @@ def test_facts_stated_in_passing_are_kept_addressed_to_the_user():
     assert facts_in("What is my name?", 1) == []  # a question tells nothing
     assert facts_in("Tell me a tip about my cat.", 1) == []  # nor does a request
     assert facts_in("Paris is big.", 1) == []  # nothing about the user
+    assert facts_in("Here is a photo I took.", 1) == []  # handing over an attachment (tracked as one)
 
 
 def test_a_newer_statement_about_the_same_thing_replaces_the_older():

@@ -241,3 +241,19 @@ def test_a_continuing_prompt_takes_the_entry_over_and_a_diverging_one_gets_a_cop
     assert other is not stored and other.get_seq_length() == len(shared) and len(pool) == 1
     again = pool.take(torch.cat([shared, mine, theirs]))  # continues it: handed over, no copy
     assert again is stored and again.get_seq_length() == len(shared) + len(mine) and len(pool) == 0
+
+
+def test_a_stopped_reply_reads_nothing_ahead(tiny_causal_dir, tmp_path, monkeypatch):
+    """A stop frees the CPU at once: the read-ahead after a reply must not start after a stop."""
+    generator = load_generator(str(tiny_causal_dir))
+    store = ConversationStore(tmp_path / "data")
+    service = ChatService(MultimodalEncoder(store.media_dir), generator, store, GenerationSettings(64, temperature=0),
+                          system_prompt=SYSTEM.content)
+    asked = []
+    monkeypatch.setattr(generator, "prefill", lambda messages: asked.append(messages))
+    conv = service.new_conversation()
+    list(service.respond("key:ana", conv, "hello what is the weather today"))
+    assert len(asked) == 1  # a finished reply: the start of the next prompt is read ahead
+    for _ in service.respond("key:ana", conv, "and tomorrow"):
+        service.stop("key:ana", conv.id)
+    assert conv.turns[-1].interrupted and len(asked) == 1
