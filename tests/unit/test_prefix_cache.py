@@ -44,6 +44,19 @@ class PrefillLengths:
         self.handle.remove()
 
 
+def cache_maker(generator):
+    """A function giving the KV cache of the model having read `ids`."""
+    from transformers import DynamicCache
+
+    def cache_for(ids):
+        cache = DynamicCache(config=generator.model.config)
+        with torch.no_grad():
+            generator.model(input_ids=ids[None], past_key_values=cache, use_cache=True)
+        return cache
+
+    return cache_for
+
+
 def conversation(generator, turns):
     """Replies and prefill lengths for successive user turns, each turn resending the whole history."""
     messages, replies, prefill = [SYSTEM], [], []
@@ -96,14 +109,7 @@ def test_common_prefix_length():
 
 def test_pool_keeps_the_most_recent_slots_and_drops_superseded_entries(generator):
     pool = PrefixCache(slots=2, min_reuse=1)
-
-    def cache_for(ids):
-        from transformers import DynamicCache
-
-        cache = DynamicCache(config=generator.model.config)
-        with torch.no_grad():
-            generator.model(input_ids=ids[None], past_key_values=cache, use_cache=True)
-        return cache
+    cache_for = cache_maker(generator)
 
     a, b, c = torch.tensor([5, 6, 7]), torch.tensor([8, 9, 10]), torch.tensor([11, 12, 13])
     pool.put(a, cache_for(a))
@@ -204,13 +210,7 @@ def test_with_the_tracked_state_block_a_turn_reads_only_the_block_and_its_questi
 
 
 def test_pool_drops_the_oldest_entries_beyond_its_memory_budget(generator):
-    from transformers import DynamicCache
-
-    def cache_for(ids):
-        cache = DynamicCache(config=generator.model.config)
-        with torch.no_grad():
-            generator.model(input_ids=ids[None], past_key_values=cache, use_cache=True)
-        return cache
+    cache_for = cache_maker(generator)
 
     a, b, c = torch.arange(5, 25), torch.arange(30, 50), torch.arange(60, 80)
     one = sum(t.untyped_storage().nbytes() for layer in cache_for(a).layers for t in (layer.keys, layer.values))
@@ -225,13 +225,7 @@ def test_pool_drops_the_oldest_entries_beyond_its_memory_budget(generator):
 
 
 def test_a_continuing_prompt_takes_the_entry_over_and_a_diverging_one_gets_a_copy(generator):
-    from transformers import DynamicCache
-
-    def cache_for(ids):
-        cache = DynamicCache(config=generator.model.config)
-        with torch.no_grad():
-            generator.model(input_ids=ids[None], past_key_values=cache, use_cache=True)
-        return cache
+    cache_for = cache_maker(generator)
 
     shared, mine, theirs = torch.arange(5, 15), torch.arange(20, 40), torch.arange(50, 70)
     pool = PrefixCache(min_reuse=1)
