@@ -265,13 +265,7 @@ class ConversationStore:
 
     def list(self, owner: str) -> list[ConversationSummary]:
         """The owner's conversations, most recently changed first."""
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT c.id, c.title, c.created, c.updated,"
-                " (SELECT count(*) FROM turns t WHERE t.conversation_id = c.id) AS turns"
-                " FROM conversations c WHERE c.owner = ? ORDER BY c.updated DESC, c.created DESC",
-                (owner,)).fetchall()
-        return [ConversationSummary(r["id"], r["title"], r["created"], r["updated"], r["turns"]) for r in rows]
+        return self._summaries(owner)
 
     def search(self, owner: str, query: str, limit: int = 50) -> list[ConversationSummary]:
         """The owner's conversations whose title or text (typed, a transcript, a PDF's text, text in a photo) has
@@ -284,12 +278,18 @@ class ConversationStore:
         if not words:
             return []
         condition, params = self._db.search_condition(words)
+        return self._summaries(owner, f" AND {condition}", params, limit)
+
+    def _summaries(self, owner: str, condition: str = "", params: tuple = (),
+                   limit: int | None = None) -> list[ConversationSummary]:
+        """The owner's conversations meeting `condition` (SQL on `c`), most recently changed first."""
         with self._lock:
             rows = self._db.execute(
                 "SELECT c.id, c.title, c.created, c.updated,"
                 " (SELECT count(*) FROM turns t WHERE t.conversation_id = c.id) AS turns"
-                f" FROM conversations c WHERE c.owner = ? AND {condition}"
-                " ORDER BY c.updated DESC, c.created DESC LIMIT ?", (owner, *params, int(limit))).fetchall()
+                f" FROM conversations c WHERE c.owner = ?{condition} ORDER BY c.updated DESC, c.created DESC"
+                + (" LIMIT ?" if limit is not None else ""),
+                (owner, *params, *([int(limit)] if limit is not None else []))).fetchall()
         return [ConversationSummary(r["id"], r["title"], r["created"], r["updated"], r["turns"]) for r in rows]
 
     def rename(self, owner: str, conv_id: str, title: str) -> None:
@@ -684,15 +684,16 @@ class _SQLite:
     def create_search_index(self) -> None:
         """An FTS5 table with one row per conversation (title, body), filled from what is stored."""
         self.conn.execute("CREATE VIRTUAL TABLE conversation_search USING fts5(conversation_id UNINDEXED, title, body)")
-        self.conn.execute("INSERT INTO conversation_search (conversation_id, title, body)"
-                          f" SELECT c.id, c.title, coalesce({_SEARCH_BODY}, '') FROM conversations c")
+        self._fill_search_index()
 
     def index_conversation(self, conv_id: str) -> None:
         """Bring the conversation's search row up to date (none once it is deleted); inside the write."""
         self.conn.execute("DELETE FROM conversation_search WHERE conversation_id = ?", (conv_id,))
+        self._fill_search_index(" WHERE c.id = ?", (conv_id,))
+
+    def _fill_search_index(self, where: str = "", params: tuple = ()) -> None:
         self.conn.execute("INSERT INTO conversation_search (conversation_id, title, body)"
-                          f" SELECT c.id, c.title, coalesce({_SEARCH_BODY}, '') FROM conversations c WHERE c.id = ?",
-                          (conv_id,))
+                          f" SELECT c.id, c.title, coalesce({_SEARCH_BODY}, '') FROM conversations c{where}", params)
 
     def search_condition(self, words: list[str]) -> tuple[str, tuple]:
         # Each word quoted as an FTS5 string (words hold no quotes), the last one also as a prefix.

@@ -53,14 +53,13 @@ class PrefixCache:
         keep = min(best_len, len(ids) - 1)
         if best is None or keep < self.min_reuse:
             return None
+        self._entries.remove(best)
         if keep >= len(best.ids) // 2:
             # The same conversation, a turn later: the entry is handed over, not copied (a copy of a full
             # window is 50 MB more at every turn), and comes back extended through `put`.
-            self._entries.remove(best)
             cache = best.cache
         else:
             # Another conversation sharing a beginning (the system prompt): the stored entry stays valid.
-            self._entries.remove(best)
             self._entries.append(best)
             cache = copy.deepcopy(best.cache)
         cache.crop(keep - cache.get_seq_length())
