@@ -551,6 +551,10 @@ class ChatPage:
         # waits for (the status line), so Gradio's own queue overlay is hidden.
         reply = dict(concurrency_id="reply", concurrency_limit=self.concurrency_limit, show_progress="hidden")
         quick = dict(concurrency_limit=None)
+        # What changes the conversation a tab shows, or names it, runs in one lane in the order it was
+        # asked. Unqueued calls run side by side: a name given right after "New chat" could read the
+        # tab's session before "New chat" had stored it, and rename the previous conversation.
+        ordered = dict(concurrency_id="session", concurrency_limit=1, show_progress="hidden")
 
         def replied(event):
             event.then(**ended).then(None, js=_FOCUS_BOX)
@@ -561,41 +565,40 @@ class ChatPage:
         after(demo.load(self.on_load, [c.owner_key, c.last_conversation], [session, c.owner_key, chatbot],
                         api_visibility="private", queue=False))
         replied(box.submit(self.accept, [box, session], [chatbot, box, pending, c.status, c.continue_btn],
-                         api_visibility="private", queue=False, show_progress="hidden")
+                         api_visibility="private", **ordered)
               .success(self.respond, [pending, session], turn_out, api_visibility="private", **reply))
         replied(api_chat.click(self.respond, [api_message, session], turn_out, api_name="chat", **reply))
         box.stop(self.stop, [session], None, api_name="stop", queue=False)
         replied(chatbot.retry(**busy).then(self.regenerate, [session], turn_out, api_name="retry", **reply))
         replied(c.continue_btn.click(**busy).then(self.continue_reply, [session], turn_out, api_name="continue",
                                                 **reply))
-        after(chatbot.undo(self.undo, [session], [chatbot, session], api_name="undo", **quick))
+        after(chatbot.undo(self.undo, [session], [chatbot, session], api_name="undo", **ordered))
         # The edit's data comes with the event itself, so its handler is the first in the chain.
         replied(chatbot.edit(self.edit_in_chat, [session], turn_out, api_visibility="private", **reply))
         replied(api_edit.click(self.edit, [api_index, api_text, session], turn_out, api_name="edit", **reply))
-        after(api_clear.click(self.clear, [session], turn_out, api_name="clear", **quick))
+        after(api_clear.click(self.clear, [session], turn_out, api_name="clear", **ordered))
         c.new_btn.click(None, None, [c.title_box], js=_EMPTY_TITLE, api_visibility="private", queue=False)
-        after(c.new_btn.click(self.new_chat, [session], turn_out, api_name="new_chat", queue=False))
+        after(c.new_btn.click(self.new_chat, [session], turn_out, api_name="new_chat", **ordered))
         after(c.conv_list.input(self.open_conversation, [c.conv_list, session], [chatbot, session],
-                                api_visibility="private", **quick))
+                                api_visibility="private", **ordered))
         after(api_open.click(self.open_conversation, [api_text, session], [chatbot, session], api_name="open",
-                             **quick))
+                             **ordered))
         api_key.click(self.use_key, [api_text], [session, api_json], api_name="use_key", queue=False)
         api_list.click(self.list_conversations, [session], [api_json], api_name="conversations", queue=False)
         api_search.click(self.search_conversations, [api_text, session], [api_json], api_name="search", queue=False)
         c.search_box.change(self.search_list, [c.search_box, session], [c.conv_list], api_visibility="private",
                            queue=False, show_progress="hidden", trigger_mode="always_last")
-        # Unqueued, as the message box is: a name given and then a message sent at once arrive in that order.
-        after(c.rename_btn.click(self.rename, [c.title_box, session], [session], api_name="rename", queue=False))
+        after(c.rename_btn.click(self.rename, [c.title_box, session], [session], api_name="rename", **ordered))
         after(c.title_box.submit(self.rename, [c.title_box, session], [session], api_visibility="private",
-                                 queue=False))
+                                 **ordered))
         c.delete_btn.click(self.ask_delete, [session], [c.confirm_row, c.confirm_text], api_visibility="private",
                            queue=False, show_progress="hidden")
         c.confirm_no.click(lambda: gr.Column(visible=False), None, [c.confirm_row], api_visibility="private",
                            queue=False, show_progress="hidden")
         c.confirm_yes.click(None, None, [c.title_box], js=_EMPTY_TITLE, api_visibility="private", queue=False)
-        after(c.confirm_yes.click(self.delete, [session], turn_out, api_name="delete", **quick))
+        after(c.confirm_yes.click(self.delete, [session], turn_out, api_name="delete", **ordered))
         c.export_btn.click(self.export, [session], [c.export_file], api_name="export", **quick).success(
             lambda: gr.File(visible=True), None, [c.export_file], api_visibility="private", queue=False)
         after(c.import_btn.upload(self.import_conversation, [c.import_btn, session], [chatbot, session],
-                                  api_name="import", **quick))
+                                  api_name="import", **ordered))
 

@@ -163,12 +163,15 @@ def open_panel(page: Page) -> None:
 
 def test_a_new_chat_can_be_renamed_before_its_first_message(tab: Page):
     browser_send(tab, "hello cat")
-    for _ in range(3):  # it used to fail one time in two: the answer to "New chat" emptied the name typed after it
+    # It used to fail one time in two: the answer to "New chat" emptied the name typed after it. Then, under
+    # load, the name given right after "New chat" renamed the previous conversation (both ran at once).
+    for _ in range(3):
         open_panel(tab)
         tab.get_by_role("button", name="New chat").click()
         title = tab.get_by_label("Title of this conversation")
         title.fill("Trip ideas")
         tab.get_by_role("button", name="Rename").click()
+        expect(tab.get_by_test_id("user")).to_have_count(0)  # the new chat is shown
         shot(tab, "renamed-new-chat")
         browser_send(tab, "tell me about the weather")
         open_panel(tab)
