@@ -177,6 +177,15 @@ def _unfinished(conv: Conversation) -> bool:
     return bool(last and last.role is Role.ASSISTANT and not last.notice and (last.cut or last.interrupted))
 
 
+@dataclass(frozen=True)
+class Accepted:
+    """A message the page has shown, and the tab's place when it was sent: the tab may open another
+    conversation while the message waits for the model, and the reply belongs where it was asked."""
+
+    message: dict
+    session: ChatSession
+
+
 @dataclass
 class Controls:
     """The components handlers read and write; `build()` fills it, subclasses may add their own."""
@@ -302,7 +311,7 @@ class ChatPage:
             raise UserFacingError("Type a message, attach a photo or record your voice first.")
         owner, conv = self.opened(session, request)
         shown = [*chat_messages(conv), {"role": "user", "content": [*({"path": f} for f in files), *([text] if text else [])]}]
-        return shown, gr.MultimodalTextbox(value=None, **_BUSY_BOX), message, gr.HTML(
+        return shown, gr.MultimodalTextbox(value=None, **_BUSY_BOX), Accepted(message, session), gr.HTML(
             status_html(self.waiting_words(), busy=True)), gr.Button(visible=False)
 
     def busy(self):
@@ -337,6 +346,9 @@ class ChatPage:
         finally:
             if _refused(conv):  # a refused upload must not linger on disk
                 _discard_uploads(files)
+
+    def respond_accepted(self, accepted: Accepted, request: gr.Request):
+        yield from self.respond(accepted.message, accepted.session, request)
 
     @_shown_errors
     def regenerate(self, session: ChatSession, request: gr.Request):
@@ -534,7 +546,7 @@ class ChatPage:
             api_json = gr.JSON()
             api_message = gr.MultimodalTextbox()
             api_chat, api_open, api_edit, api_key, api_list, api_clear, api_search = (gr.Button() for _ in range(7))
-        pending = gr.State(None)  # the message the page shows while it waits for the model
+        pending = gr.State(None)  # the message the page shows while it waits for the model (Accepted)
 
         session, chatbot, box = c.session, c.chatbot, c.box
         turn_out = [chatbot, box, session]
@@ -566,7 +578,7 @@ class ChatPage:
                         api_visibility="private", queue=False))
         replied(box.submit(self.accept, [box, session], [chatbot, box, pending, c.status, c.continue_btn],
                          api_visibility="private", **ordered)
-              .success(self.respond, [pending, session], turn_out, api_visibility="private", **reply))
+              .success(self.respond_accepted, [pending], turn_out, api_visibility="private", **reply))
         replied(api_chat.click(self.respond, [api_message, session], turn_out, api_name="chat", **reply))
         box.stop(self.stop, [session], None, api_name="stop", queue=False)
         replied(chatbot.retry(**busy).then(self.regenerate, [session], turn_out, api_name="retry", **reply))

@@ -190,12 +190,22 @@ def test_a_sent_message_shows_at_once_with_what_it_waits_for(page):
     assert page.list_conversations(ChatSession(), TAB) == []
     chat, box, pending, status, _ = page.accept({"text": "hello cat", "files": []}, ChatSession(), TAB)
     assert chat == [{"role": "user", "content": ["hello cat"]}] and box.interactive is False and box.stop_btn
-    assert pending["text"] == "hello cat" and "Thinking…" in status.value
+    assert pending.message["text"] == "hello cat" and "Thinking…" in status.value
     stream = page.respond({"text": "tell me about the weather", "files": []}, ChatSession(), OTHER_TAB)
     next(stream)
     next(stream)  # another user's reply is being written
     assert "Waiting for 1 other reply to finish…" in page.accept({"text": "hi", "files": []}, ChatSession(), TAB)[3].value
     stream.close()
+
+
+def test_a_waiting_message_is_answered_in_the_conversation_it_was_sent_in(page):
+    _, first = send(page, ChatSession(), "hello cat")
+    accepted = page.accept({"text": "what is my cat called", "files": []}, first, TAB)[2]
+    page.new_chat(first, TAB)  # the person moves on while the message waits for the model
+    updates = list(page.respond_accepted(accepted, TAB))
+    assert updates[-1][2].conversation_id == first.conversation_id
+    assert len(page.service.open(first.owner, first.conversation_id).turns) == 4
+    assert len(page.list_conversations(first, TAB)) == 1
 
 
 def test_a_cut_reply_offers_continue_until_continued(page):
