@@ -251,3 +251,38 @@ def test_a_stopped_reply_reads_nothing_ahead(tiny_causal_dir, tmp_path, monkeypa
     for _ in service.respond("key:ana", conv, "and tomorrow"):
         service.stop("key:ana", conv.id)
     assert conv.turns[-1].interrupted and len(asked) == 1
+
+
+def test_reused_caches_give_the_logits_of_reading_each_prompt_from_scratch(tiny_causal_dir, tmp_path, monkeypatch):
+    """A long chat through the service (read-ahead after every reply, the window moving, replies continued,
+    prompts read in chunks that start anywhere): every reply has the tokens and logits of a fresh reading."""
+    monkeypatch.setattr(decoder, "PREFILL_CHUNK", 16)  # many chunk boundaries, none where a turn starts
+    generator = load_generator(str(tiny_causal_dir), max_context=600)
+    model, original = generator.model, generator.model.generate
+    reused, worst = [], []
+
+    def generate(**kwargs):  # each reply also generated without a cache, from the same prompt ids
+        fresh = original(**{k: v for k, v in kwargs.items() if k not in ("past_key_values", "streamer")},
+                         output_logits=True, return_dict_in_generate=True)
+        cache = kwargs.get("past_key_values")
+        reused.append(cache.get_seq_length() if cache is not None else 0)
+        out = original(**kwargs, output_logits=True, return_dict_in_generate=True)
+        assert torch.equal(out.sequences, fresh.sequences)
+        worst.append(max(float((a - b).abs().max()) for a, b in zip(out.logits, fresh.logits, strict=True)))
+        return out.sequences
+
+    monkeypatch.setattr(model, "generate", generate)
+    store = ConversationStore(tmp_path / "data")
+    service = ChatService(MultimodalEncoder(store.media_dir), generator, store, GenerationSettings(8, temperature=0),
+                          system_prompt=SYSTEM.content)
+    budget = generator.prompt_budget(service.settings)
+    conv, window = service.new_conversation(), []
+    for i in range(24):
+        list(service.respond("key:ana", conv, f"tell me about the weather today and tomorrow {i}"))
+        if i % 5 == 2 and conv.turns[-1].cut:
+            list(service.continue_reply("key:ana", conv))
+        window.append(len(conv.render(generator.count_tokens, budget)))
+        wait_idle()  # the read-ahead runs before the next message, as when the user reads and types
+    assert sum(later < earlier for earlier, later in zip(window, window[1:])) >= 2  # the window moved
+    assert sum(n > 0 for n in reused) >= len(reused) - 1  # nearly every reply started from a reused cache
+    assert max(worst) < 1e-4  # float32 rounding only (3e-6 seen): no position, entry or crop is off
