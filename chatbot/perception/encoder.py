@@ -82,6 +82,23 @@ class MultimodalEncoder:
             raise UserFacingError("Type a message, attach a photo or record your voice, then send it.")
         return turn
 
+    def models_to_load(self, files: list[str | Path]) -> list[str]:
+        """What these files need that is not in memory now ("the speech model"): for a status line, as its
+        first use loads it. Files already analysed, or not readable, need nothing."""
+        needed: list[str] = []
+        for file in files:
+            try:
+                fmt = media.sniff(file)
+                if fmt is None or self._cached(media.sha256_file(Path(file))):
+                    continue
+            except OSError:
+                continue
+            if fmt.kind is AttachmentKind.IMAGE and not all(a.loaded for a in self.analyzers):
+                needed.append("the image models")
+            elif fmt.kind is AttachmentKind.AUDIO and self.recognizer is not None and not self.recognizer.loaded:
+                needed.append("the speech model")
+        return list(dict.fromkeys(needed))
+
     # -- one file -------------------------------------------------------------------
     def _encode_file(self, path: Path, question: str) -> tuple[Attachment, list[Observation]]:
         name = path.name
@@ -143,7 +160,7 @@ class MultimodalEncoder:
         from chatbot.perception.documents import load_document
         from chatbot.perception.vision.ocr import TextReader
 
-        ocr = next((a for a in self.analyzers if isinstance(a, TextReader)), None)
+        ocr = next((a for a in self.analyzers if a.name == TextReader.name), None)  # maybe an OnDemandAnalyzer
         doc = load_document(path, max_bytes=int(self.limits.max_file_mb * 2**20),
                             max_pages=self.limits.max_document_pages,
                             max_pixels=int(self.limits.max_image_megapixels * 1e6),

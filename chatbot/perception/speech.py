@@ -17,6 +17,7 @@ from pathlib import Path
 from chatbot import footprint, weights
 from chatbot.errors import UserFacingError
 from chatbot.perception.audio import SAMPLE_RATE, AudioClip
+from chatbot.perception.on_demand import OnDemand
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ class SpeechRecognizer(ABC):
     """Loaded once, then `transcribe` may be called from several threads (calls run one at a time)."""
 
     name: str
+    loaded: bool = True  # whether the model is in memory now (see OnDemandRecognizer)
 
     @abstractmethod
     def transcribe(self, clip: AudioClip, language_hint: str | None = None, language: str | None = None) -> Transcript:
@@ -159,6 +161,24 @@ class TransformersRecognizer(SpeechRecognizer):
             return "en" if self._is_whisper else ""  # English-only Whisper, or a model that does not say
         token_id = int(self.model.detect_language(input_features=features)[0])
         return next(token for token, i in self._lang_to_id.items() if i == token_id).strip("<|>")
+
+
+class OnDemandRecognizer(SpeechRecognizer):
+    """`load_recognizer(spec, language)` run at the first recording, released after `release_after` idle seconds."""
+
+    def __init__(self, spec: str = DEFAULT_SPEECH_MODEL, language: str | None = None, *,
+                 release_after: float | None = None) -> None:
+        self.name = spec
+        self._recognizer = OnDemand(lambda: load_recognizer(spec, language), name=f"the speech model '{spec}'",
+                                    release_after=release_after)
+
+    @property
+    def loaded(self) -> bool:
+        return self._recognizer.loaded
+
+    def transcribe(self, clip: AudioClip, language_hint: str | None = None, language: str | None = None) -> Transcript:
+        with self._recognizer.use() as recognizer:
+            return recognizer.transcribe(clip, language_hint, language)
 
 
 def load_recognizer(spec: str = DEFAULT_SPEECH_MODEL, language: str | None = None) -> SpeechRecognizer:

@@ -19,6 +19,7 @@ class ImageAnalyzer(ABC):
     # True for analysers that answer the user's words about the photo (a VQA or vision-language
     # model): they run again for each new question, while the others run once per photo.
     wants_question: bool = False
+    loaded: bool = True  # whether its model is in memory now (see OnDemandAnalyzer)
 
     @abstractmethod
     def analyze(self, img: LoadedImage, question: str = "") -> list[Observation]:
