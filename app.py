@@ -39,7 +39,7 @@ def build_service(config: Config):
     from chatbot.conversation.store import ConversationStore
     from chatbot.generation.base import GenerationSettings, load_generator
     from chatbot.perception.encoder import Limits, MultimodalEncoder
-    from chatbot.perception.speech import load_recognizer
+    from chatbot.perception.speech import OnDemandRecognizer
     from chatbot.perception.vision import load_analyzers
 
     if config.threads:
@@ -56,12 +56,11 @@ def build_service(config: Config):
         log.info("Loading the text model '%s' (the first start prepares the bundled weights, about a minute)...",
                  config.text_model)
     generator = load_generator(config)
-    recognizer = None
-    if config.speech_model != NO_MODEL:
-        log.info("Loading the speech model '%s'...", config.speech_model)
-        recognizer = load_recognizer(config.speech_model, config.speech_language)
-    log.info("Loading the image analyzers...")
-    analyzers = load_analyzers(config.caption_model)
+    # Whisper and the photo models load at the first recording / photo: not every chat has one.
+    release = config.release_models_after or None
+    recognizer = None if config.speech_model == NO_MODEL else OnDemandRecognizer(
+        config.speech_model, config.speech_language, release_after=release)
+    analyzers = load_analyzers(config.caption_model, on_demand=True, release_after=release)
     limits = Limits(max_message_chars=config.max_message_chars, max_files=config.max_files,
                     max_file_mb=config.max_upload_mb, max_document_pages=config.max_document_pages)
     encoder = MultimodalEncoder(store.media_dir, recognizer, analyzers, limits)
@@ -78,9 +77,13 @@ def build_service(config: Config):
         speaker = ReplySpeaker(load_voice(config.voice), store)
     service = ChatService(encoder, generator, store, settings, system_prompt=config.system_prompt,
                           relevance=relevance, listener=speaker)
-    # Every conversation starts with the system prompt: read it now (in the background), not in each first turn.
-    generator.prefill(service.new_conversation().render(generator.count_tokens, generator.context_tokens)[:1])
     return service
+
+
+def read_system_prompt(service) -> None:
+    """Every conversation starts with the system prompt: read it now (in the background), not in each first turn."""
+    generator = service.generator
+    generator.prefill(service.new_conversation().render(generator.count_tokens, generator.context_tokens)[:1])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     app = gr.mount_gradio_app(app, demo, path="/", server_name=config.host, server_port=config.port,
                               allowed_paths=[str(service.store.media_dir)], auth=config.auth, show_error=False,
                               max_file_size=int(config.max_upload_mb * 2**20), **page.launch_options())
+    read_system_prompt(service)  # only now: on two cores it would slow the import of Gradio above by seconds
     logging.getLogger("app").info("Serving the chat on http://%s:%d/ and the OpenAI-compatible API at /v1 "
                                   "(Ctrl+C stops it)", config.host, config.port)
     uvicorn.run(app, host=config.host, port=config.port, log_level="warning")

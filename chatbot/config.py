@@ -30,6 +30,9 @@ class Config:
     speech_language: str | None = None
     caption_model: str | None = None
     voice: str = "hibari"
+    # Whisper and the photo models load at their first use and are let go after this many seconds unused
+    # (0: kept once loaded): ≈0.25 GB not held through text-only stretches, ≈1-2 s to load them again.
+    release_models_after: float = 60.0
     speak_replies: bool = False
     max_new_tokens: int = 256
     temperature: float = 0.0  # greedy: chosen on bench.quality (README)
@@ -147,6 +150,9 @@ def parse_args(argv: list[str] | None = None) -> Config:
     models.add_argument("--caption-model", default=d.caption_model,
                         help="optional image captioning model, a Hugging Face id / folder "
                              "(e.g. Salesforce/blip-image-captioning-base)")
+    models.add_argument("--release-models-after", type=float, default=d.release_models_after, metavar="SECONDS",
+                        help="the speech and photo models load at their first use; release them after this many "
+                             "seconds unused to save memory (0: keep them once loaded)")
     models.add_argument("--voice", default=d.voice,
                         help=f"voice for spoken replies and call mode: hibari (bundled), piper-joe (needs piper-tts, "
                              f"GPL-3.0, installed separately) or '{NO_MODEL}'")
@@ -173,6 +179,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
         p.error("--text-backend openai needs --base-url and --remote-model")
     if args.database and not args.database.startswith(("postgresql://", "postgres://")):
         p.error("--database takes a postgresql:// URL (SQLite is the default, in --data-dir)")
+    if args.release_models_after < 0:
+        p.error("--release-models-after must be 0 or more seconds")
     if min(args.max_message_chars, args.max_files, args.max_upload_mb, args.max_document_pages) <= 0:
         p.error("--max-message-chars, --max-files, --max-upload-mb and --max-document-pages must be positive")
     caption = None if args.caption_model in (None, NO_MODEL) else args.caption_model

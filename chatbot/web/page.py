@@ -296,12 +296,15 @@ class ChatPage:
     def stored_messages(self, owner: str, conv_id: str | None) -> list[dict]:
         return chat_messages(self.service.conversation(owner, conv_id))
 
-    def waiting_words(self) -> str:
-        """What a new message waits for, in plain words."""
+    def waiting_words(self, files: list[str] = ()) -> str:
+        """What a new message (with these files) waits for, in plain words."""
         others = self.service.replies_running() - self.concurrency_limit + 1
-        if others <= 0:
-            return "Thinking…"
-        return f"Waiting for {others} other {'reply' if others == 1 else 'replies'} to finish…"
+        if others > 0:
+            return f"Waiting for {others} other {'reply' if others == 1 else 'replies'} to finish…"
+        if loading := self.service.encoder.models_to_load(files):
+            # Their first use in a while: seconds more than usual, said so the wait is not a mystery.
+            return f"Loading {' and '.join(loading)} first (a few seconds)…"
+        return "Thinking…"
 
     @_shown_errors
     def accept(self, message: dict | None, session: ChatSession, request: gr.Request):
@@ -312,7 +315,7 @@ class ChatPage:
         owner, conv = self.opened(session, request)
         shown = [*chat_messages(conv), {"role": "user", "content": [*({"path": f} for f in files), *([text] if text else [])]}]
         return shown, gr.MultimodalTextbox(value=None, **_BUSY_BOX), Accepted(message, session), gr.HTML(
-            status_html(self.waiting_words(), busy=True)), gr.Button(visible=False)
+            status_html(self.waiting_words(files), busy=True)), gr.Button(visible=False)
 
     def busy(self):
         """Box and status while a retry, edit or continue waits for and runs the model."""
