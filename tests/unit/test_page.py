@@ -208,6 +208,17 @@ def test_a_waiting_message_is_answered_in_the_conversation_it_was_sent_in(page):
     assert len(page.list_conversations(first, TAB)) == 1
 
 
+def test_a_recording_that_must_load_the_speech_model_says_so(generator, tmp_path):
+    from chatbot.perception.speech import OnDemandRecognizer
+
+    page = make_page(generator, tmp_path)
+    page.service.encoder.recognizer = OnDemandRecognizer("whisper-tiny.en")  # not loaded until a recording comes
+    recording = str(Path(__file__).resolve().parents[1] / "data" / "capital_of_france.wav")
+    status = page.accept({"text": "", "files": [recording]}, ChatSession(), TAB)[3].value
+    assert "Loading the speech model first" in status
+    assert "Thinking…" in page.accept({"text": "hi", "files": []}, ChatSession(), OTHER_TAB)[3].value
+
+
 def test_a_cut_reply_offers_continue_until_continued(page):
     page.service.settings = GenerationSettings(max_new_tokens=4, temperature=0)
     chats, session = send(page, ChatSession(), "tell me about the weather today")
