@@ -2,7 +2,9 @@
 
 Small models lose a fact said in passing twenty turns ago, even when it is still in the prompt,
 and answer "my name is Ana" when asked "what is my name?". So every user turn updates a compact
-record, rendered next to the newest message each turn:
+record, and the part of it that relates to the newest message is rendered next to that message
+(a 0.5B model copies whatever the block holds into its answer: shown beside "Recommend a warm-up
+before running", the facts came back as "Matilda should eat breakfast before her bike ride"):
 - facts the user stated about themselves and their world ("my daughter's name is Matilda and
   she is seven"), rewritten to address the user ("Your daughter's name is Matilda ..."); a later
   statement about the same thing ("my name is ...") replaces the earlier one;
@@ -27,6 +29,8 @@ class Relevance(Protocol):
     """Scores each candidate text's relevance to a query, one float per candidate (higher: more)."""
 
     threshold: float  # below it a candidate is unrelated (unrelated old chatter only costs prompt time)
+    # Below it a tracked fact or attachment is unrelated to the message and stays out of the block.
+    fact_threshold: float
 
     def __call__(self, query: str, candidates: Sequence[str]) -> list[float]: ...
 
@@ -72,21 +76,26 @@ class TrackedState:
                relevance: Relevance | None = None) -> str:
         """The state as a bracketed note for the newest message, within `room` tokens.
 
-        Facts and attachments come first (all of them when they fit, else the most relevant);
-        the rest of the room goes to the condensed-out messages most relevant to `query`.
+        Facts and attachments related to `query` come first (all of those when they fit, else the
+        most relevant); the rest of the room goes to the condensed-out messages most relevant to it.
+        Nothing related: no facts, no attachments (an empty string when nothing else is recalled).
         """
         score = relevance or WordOverlap()
         sections: list[tuple[str, list[str]]] = []
-        if self.facts:
-            sections.append(("What the user told you earlier (in your words to them):",
-                             [f.text for f in self.facts]))
+        # All the facts when any relates (they tell things apart: shown "Your dog is called Biscuit" alone, the
+        # model answered "Your dog is called Matilda"); none when none does.
+        if any(_related(query, [f.text for f in self.facts], score)):
+            sections.append(("What the user told you earlier (in your words to them):", [f.text for f in self.facts]))
         if self.items:
-            # The ones the message names, in full; when it names none, all of them, shortened. Listing the
-            # others beside a named photo made the 0.5B model answer from the wrong one (bench.quality).
+            # The ones the message names, in full; when it names none, those its notes relate to, shortened.
+            # Listing the others beside a named photo made the 0.5B model answer from the wrong one (bench.quality).
             named = [mentions(query, item) for item in self.items]
             wanted = [item for item, n in zip(self.items, named, strict=True) if n and n == max(named)]
-            sections.append(("Photos, recordings and documents the user sent (from their notes):",
-                             [_item_line(item, full=bool(wanted)) for item in wanted or self.items]))
+            related = [item for item, ok in zip(self.items, _related(query, [i.note for i in self.items], score),
+                                                strict=True) if ok]
+            if wanted or related:
+                sections.append(("Photos, recordings and documents the user sent (from their notes):",
+                                 [_item_line(item, full=bool(wanted)) for item in wanted or related]))
         lines = _fit(sections, query, score, count_tokens, room)
         candidates = [d for d in dropped if d.text.strip()]
         if candidates:
@@ -100,6 +109,11 @@ class TrackedState:
                 recalled.append(line)
             lines += recalled if len(recalled) > 1 else []
         return _wrap(lines) if lines else ""
+
+
+def _related(query: str, texts: list[str], score: Relevance) -> list[bool]:
+    """Whether each of `texts` (tracked facts, attachment notes) relates to `query`."""
+    return [v >= score.fact_threshold for v in score(query, texts)] if texts else []
 
 
 # Condensed-out messages recalled per turn: each costs prompt time at every turn.
@@ -212,6 +226,7 @@ class WordOverlap:
     """The share of the query's content words each candidate holds (the fallback for an embedder)."""
 
     threshold = 0.2
+    fact_threshold = 0.2
 
     def __call__(self, query: str, candidates: Sequence[str]) -> list[float]:
         words = _content_words(query)
@@ -226,7 +241,8 @@ _STOP = set("the a an and or but of to in on at for with is are was were be been
 
 
 def _content_words(text: str) -> set[str]:
-    return {w for w in re.findall(r"[a-z0-9']+", text.lower()) if w not in _STOP}
+    words = (w.removesuffix("'s") for w in re.findall(r"[a-z0-9']+", text.lower().replace("’", "'")))
+    return {w for w in words if w not in _STOP}  # "daughter's" is about the daughter
 
 
 def _shorten(text: str, limit: int) -> str:

@@ -90,9 +90,25 @@ def test_photo_notes_stay_retrievable_by_label_and_by_content():
     asked.add_user_turn(Turn(role=Role.USER, text="What did my photo show?"))
     note = asked.render(words, 4000)[-1].content
     assert "- Photo 1" in note and "- Photo 2" in note and "Recording 1" not in note and "…" not in note
-    asked.turns[-1].text = "Tell me a joke."  # names nothing: every attachment, shortened
-    note = asked.render(words, 4000)[-1].content
-    assert "- Photo 1" in note and "- Photo 2" in note and "Recording 1" in note
+    asked.turns[-1].text = "Tell me a joke."  # unrelated to every attachment: none in the block
+    assert asked.render(words, 4000)[-1].content == "Tell me a joke."
+
+
+@pytest.mark.parametrize("relevance", [WordOverlap(), "minilm"])
+def test_the_facts_are_in_the_block_only_when_the_message_relates_to_them(relevance):
+    """Shown beside every message, the 0.5B model copied facts into unrelated answers ("Here's a warm-up before
+    running: Matilda should eat breakfast before her bike ride") and later answered from those copies."""
+    if relevance == "minilm":
+        relevance = MiniLMRelevance()
+    state = TrackedState()
+    state.update(0, "My daughter's name is Matilda and she is seven. I hate coffee but I love green tea.")
+    facts = ["- Your daughter's name is Matilda and she is seven.", "- You hate coffee but you love green tea."]
+    for related in ["Which drink do I love?", "How old is my daughter?"]:
+        # All of them (they tell things apart: "Biscuit" alone once became "Your dog is called Matilda").
+        assert all(f in state.render(related, [], words, 500, relevance) for f in facts)
+    for unrelated in ["Recommend a warm-up before running.", "How do I fix a squeaky door?",
+                      "Write a long story about a dragon who learns to cook."]:
+        assert state.render(unrelated, [], words, 500, relevance) == ""
 
 
 def test_a_recording_is_tracked_with_what_was_said():
