@@ -197,7 +197,9 @@ def test_with_the_tracked_state_block_a_turn_reads_only_the_block_and_its_questi
     conv = service.new_conversation()
     list(service.respond("key:ana", conv, "My daughter's name is Matilda and she is seven."))
     wait_idle()
-    for question in ["What should we cook tonight?", "Any idea for a weekend trip?", "How old is she?"]:
+    # Questions the fact relates to: a message related to nothing in the state gets no block.
+    for question in ["What should my daughter eat tonight?", "Where could my daughter go this weekend?",
+                     "How old is my daughter now?"]:
         asked = Conversation.from_dict(conv.to_dict())
         asked.add_user_turn(Turn(role=Role.USER, text=question))
         prompt = service.prompt(asked)
