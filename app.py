@@ -8,7 +8,7 @@ import socket
 import sys
 import tempfile
 
-from chatbot import footprint, media
+from chatbot import footprint, media, weights
 from chatbot.config import NO_MODEL, Config, parse_args
 
 
@@ -57,6 +57,7 @@ def build_service(config: Config):
                  config.text_model)
     generator = load_generator(config)
     # Whisper and the photo models load at the first recording / photo: not every chat has one.
+    weights.prepare_models_used_later(config.speech_model)
     release = config.release_models_after or None
     recognizer = None if config.speech_model == NO_MODEL else OnDemandRecognizer(
         config.speech_model, config.speech_language, release_after=release)

