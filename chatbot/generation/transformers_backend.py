@@ -24,6 +24,8 @@ from transformers import (
     AutoModelForSeq2SeqLM,
     AutoTokenizer,
     DynamicCache,
+    LogitsProcessor,
+    LogitsProcessorList,
     PreTrainedTokenizerFast,
     StoppingCriteria,
     StoppingCriteriaList,
@@ -87,6 +89,27 @@ class _StopAtSentenceEnd(StoppingCriteria):
         done = input_ids.shape[1] >= self.from_length and bool(
             _SENTENCE_END.search(self.tokenizer.decode(input_ids[0, -2:], skip_special_tokens=True)))
         return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
+
+
+class _BreakLoops(LogitsProcessor):
+    """Bans the token that would start a fourth back-to-back copy of a phrase in the reply.
+
+    Greedy decoding of a small model falls into loops ("a swimsuit, sunscreen, sunglasses, sunglasses,
+    sunglasses, …" to the token limit) that the repetition penalty does not stop: it lowers a token once,
+    however often it came. Banning every repeated n-gram (`no_repeat_ngram_size`) would also forbid
+    copying a fact from the prompt or writing code, which repeats short phrases all the time.
+    """
+
+    def __init__(self, prompt_length: int, copies: int = 3, longest: int = 32):
+        self.prompt_length, self.copies, self.longest = prompt_length, copies, longest
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        for row, ids in enumerate(input_ids[:, self.prompt_length:].tolist()):
+            for period in range(1, min(self.longest, len(ids) // self.copies) + 1):
+                tail = ids[len(ids) - period:]
+                if all(ids[len(ids) - (k + 1) * period:len(ids) - k * period] == tail for k in range(1, self.copies)):
+                    scores[row, tail[0]] = -float("inf")
+        return scores
 
 
 # A sentence's end: punctuation after a non-digit ("1." starts a list item), maybe closing quotes.
@@ -171,6 +194,7 @@ class TransformersGenerator(ABC):
                             stopping_criteria=StoppingCriteriaList([
                                 _StopOnEvent(stop, abandoned),
                                 _StopAtSentenceEnd(self.tokenizer, inputs["input_ids"].shape[1], settings)]),
+                            logits_processor=LogitsProcessorList([_BreakLoops(inputs["input_ids"].shape[1])]),
                             pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
                             **({"past_key_values": cache} if cache is not None else {}))
                         generated.append(self._new_tokens(inputs, sequences))

@@ -4,7 +4,7 @@ import torch
 from transformers import AutoTokenizer
 
 from chatbot.generation.base import GenerationSettings
-from chatbot.generation.transformers_backend import _StopAtSentenceEnd
+from chatbot.generation.transformers_backend import _BreakLoops, _StopAtSentenceEnd
 
 
 def stops(tokenizer, prompt: str, reply: str, settings: GenerationSettings) -> bool:
@@ -22,3 +22,21 @@ def test_stops_at_a_sentence_end_only_near_the_limit(tiny_causal_dir):
     assert not stops(tokenizer, "hello", "the cat sat on the mat.", far)  # not near the limit: go on
     assert not stops(tokenizer, "hello", "the cat sat on the mat", near)  # mid-sentence
     assert not stops(tokenizer, "hello", "the cat sat on mat 1.", near)  # "1." starts a list item
+
+
+def banned(prompt: list[int], reply: list[int]) -> set[int]:
+    scores = torch.zeros(1, 50)
+    _BreakLoops(len(prompt))(torch.tensor([prompt + reply]), scores)
+    return set(torch.nonzero(scores[0] == -float("inf")).flatten().tolist())
+
+
+def test_a_phrase_may_not_start_a_fourth_copy_in_a_row():
+    assert banned([1, 2], [5, 7, 9, 7, 9, 7, 9]) == {7}  # "sunglasses, sunglasses, sunglasses," → not again
+    assert banned([1, 2], [3, 4, 6, 3, 4, 6, 3, 4, 6]) == {3}  # a longer phrase
+    assert banned([1, 2], [8, 8, 8]) == {8}
+
+
+def test_repeats_that_are_not_loops_are_allowed():
+    assert banned([1, 2], [7, 9, 7, 9]) == set()  # two copies: a list may name a thing twice
+    assert banned([7, 9, 7, 9, 7, 9], [7, 9]) == set()  # the prompt's copies do not count: facts may be copied
+    assert banned([1, 2], [7, 9, 5, 7, 9, 5, 7, 9]) == set()  # not back to back at the end
