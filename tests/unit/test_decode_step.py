@@ -1,5 +1,7 @@
 """The lean one-token decoding pass gives the model's own numbers, and steps aside for what it does not handle."""
 
+import copy
+
 import pytest
 import torch
 from transformers import (
@@ -74,6 +76,36 @@ def test_generate_writes_the_same_reply_and_uses_the_lean_step(mode):
         got = model.generate(PROMPT, **settings)
     assert torch.equal(got, expected)
     assert CountingStep.calls == 11  # the prompt is read by the model's own forward, then one lean step per token
+
+
+def test_the_cache_grows_in_place_and_still_crops_copies_and_reads_prompts():
+    model = tiny("qwen2", "int4")
+    original = model.forward
+    decode_step.attach(model)
+    tokens = PROMPT[:, :1]
+    with torch.inference_mode():
+        ours, theirs = DynamicCache(config=model.config), DynamicCache(config=model.config)
+        model(input_ids=PROMPT, past_key_values=ours)
+        original(input_ids=PROMPT, past_key_values=theirs)
+        model(input_ids=tokens, past_key_values=ours)  # the first step makes room behind the cache
+        original(input_ids=tokens, past_key_values=theirs)
+        storages = [layer.keys.untyped_storage().data_ptr() for layer in ours.layers]
+        for _ in range(4):
+            model(input_ids=tokens, past_key_values=ours)
+            original(input_ids=tokens, past_key_values=theirs)
+        # No copy of the cache per step (a DynamicCache concatenates, reallocating at every token).
+        assert [layer.keys.untyped_storage().data_ptr() for layer in ours.layers] == storages
+        # What the prefix cache does: a deep copy cropped to a shared prefix, then a new prompt tail and steps.
+        ours, theirs = copy.deepcopy(ours), copy.deepcopy(theirs)
+        ours.crop(-6)
+        theirs.crop(-6)
+        for chunk in (PROMPT[:, 2:5], tokens, tokens, PROMPT[:, :2], tokens):
+            torch.testing.assert_close(model(input_ids=chunk, past_key_values=ours).logits,
+                                       original(input_ids=chunk, past_key_values=theirs).logits, rtol=1e-4, atol=1e-4)
+    assert CountingStep.calls == 8
+    for layer_ours, layer_theirs in zip(ours.layers, theirs.layers):
+        torch.testing.assert_close(layer_ours.keys, layer_theirs.keys)
+        torch.testing.assert_close(layer_ours.values, layer_theirs.values)
 
 
 def test_prompts_and_padded_batches_go_to_the_models_own_forward():
