@@ -26,6 +26,7 @@ from chatbot.generation.quantize import Int4Linear, Int8Linear, SiblingSlice
 # Architectures whose decoder layer is exactly: RMSNorm → q/k/v (rotary) → attention → o_proj → residual,
 # RMSNorm → down(silu(gate) * up) → residual. Others keep their own forward.
 SUPPORTED = ("llama", "qwen2", "mistral")
+_ATTENTION, _MLP = ("q_proj", "k_proj", "v_proj", "o_proj"), ("gate_proj", "up_proj", "down_proj")
 
 
 def attach(model: nn.Module) -> bool:
@@ -63,9 +64,11 @@ class LeanStep:
         layers = self.base.layers
         self.qkv = [_projections(layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj) for layer in layers]
         self.gate_up = [_projections(layer.mlp.gate_proj, layer.mlp.up_proj) for layer in layers]
-        # Quantized matmuls take bfloat16 inputs: the norms write them so directly (no separate conversion).
-        self.dtype = torch.bfloat16 if all(_quantized(layer.self_attn.q_proj) for layer in layers) else \
-            self.base.norm.weight.dtype
+        # Quantized matmuls take bfloat16 inputs: the norms write them so directly (no separate conversion). A layer
+        # left in float32 (a shape the kernels cannot pack) needs float32 inputs: then all get them.
+        linears = [model.lm_head, *(getattr(layer.self_attn, name) for layer in layers for name in _ATTENTION),
+                   *(getattr(layer.mlp, name) for layer in layers for name in _MLP)]
+        self.dtype = torch.bfloat16 if all(map(_quantized, linears)) else self.base.norm.weight.dtype
 
     @staticmethod
     def fits(model: nn.Module) -> bool:

@@ -22,13 +22,13 @@ SIZES = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_l
 PROMPT = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(1))
 
 
-def tiny(kind: str, mode: str = "none"):
+def tiny(kind: str, mode: str = "none", **sizes):
     torch.manual_seed(0)
     config, model_class = {"qwen2": (Qwen2Config, Qwen2ForCausalLM), "llama": (LlamaConfig, LlamaForCausalLM),
                            "qwen3": (Qwen3Config, Qwen3ForCausalLM)}[kind]
     extra = {"rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                               "original_max_position_embeddings": 64}} if kind == "llama" else {}
-    return quantize(model_class(config(**SIZES, **extra)).eval(), mode)
+    return quantize(model_class(config(**(SIZES | sizes), **extra)).eval(), mode)
 
 
 class CountingStep(decode_step.LeanStep):
@@ -64,6 +64,22 @@ def test_each_step_gives_the_logits_of_the_models_own_forward(kind, mode):
     for layer_ours, layer_theirs in zip(ours.layers, theirs.layers):
         torch.testing.assert_close(layer_ours.keys, layer_theirs.keys)
         torch.testing.assert_close(layer_ours.values, layer_theirs.values)
+
+
+def test_a_layer_left_in_float32_among_quantized_ones_still_gives_the_models_logits():
+    model = tiny("qwen2", "int4", intermediate_size=40)  # down_proj's 40 inputs pack neither as int4 nor int8
+    assert type(model.model.layers[0].mlp.down_proj) is torch.nn.Linear
+    original = model.forward
+    decode_step.attach(model)
+    with torch.inference_mode():
+        ours, theirs = DynamicCache(config=model.config), DynamicCache(config=model.config)
+        model(input_ids=PROMPT, past_key_values=ours)
+        original(input_ids=PROMPT, past_key_values=theirs)
+        for token in PROMPT[0, :3]:
+            torch.testing.assert_close(model(input_ids=token.view(1, 1), past_key_values=ours).logits,
+                                       original(input_ids=token.view(1, 1), past_key_values=theirs).logits,
+                                       rtol=1e-4, atol=1e-4)
+    assert CountingStep.calls == 3
 
 
 @pytest.mark.parametrize("mode", ["none", "int4"])
