@@ -8,6 +8,7 @@ from the model's config, never from its name.
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import sys
@@ -94,21 +95,24 @@ class _StopAtSentenceEnd(StoppingCriteria):
 class _BreakLoops(LogitsProcessor):
     """Bans the token that would start a fourth back-to-back copy of a phrase in the reply.
 
-    Greedy decoding of a small model falls into loops ("a swimsuit, sunscreen, sunglasses, sunglasses,
-    sunglasses, …" to the token limit) that the repetition penalty does not stop: it lowers a token once,
-    however often it came. Banning every repeated n-gram (`no_repeat_ngram_size`) would also forbid
+    Greedy decoding of a small model falls into loops that the repetition penalty does not stop (it lowers
+    a token once, however often it came): "a towel, a towel, a towel, …" or "In 1611, Lisbon became the
+    capital of the United Kingdom. In 1612, …" to the token limit, so copies that differ only in their
+    numbers count as copies. Banning every repeated n-gram (`no_repeat_ngram_size`) would also forbid
     copying a fact from the prompt or writing code, which repeats short phrases all the time.
     """
 
-    def __init__(self, prompt_length: int, copies: int = 3, longest: int = 32):
-        self.prompt_length, self.copies, self.longest = prompt_length, copies, longest
+    def __init__(self, prompt_length: int, numbers: frozenset[int] = frozenset(), copies: int = 3,
+                 longest: int = 32):
+        self.prompt_length, self.numbers, self.copies, self.longest = prompt_length, numbers, copies, longest
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        for row, ids in enumerate(input_ids[:, self.prompt_length:].tolist()):
+        for row, reply in enumerate(input_ids[:, self.prompt_length:].tolist()):
+            ids = [-1 if i in self.numbers else i for i in reply]  # every number token alike
             for period in range(1, min(self.longest, len(ids) // self.copies) + 1):
                 tail = ids[len(ids) - period:]
                 if all(ids[len(ids) - (k + 1) * period:len(ids) - k * period] == tail for k in range(1, self.copies)):
-                    scores[row, tail[0]] = -float("inf")
+                    scores[row, list(self.numbers) if tail[0] == -1 else tail[0]] = -float("inf")
         return scores
 
 
@@ -146,6 +150,12 @@ class TransformersGenerator(ABC):
         read is kept. Only backends that reuse caches do anything.
         """
         return done()
+
+    @functools.cached_property
+    def numbers(self) -> frozenset[int]:
+        """The vocabulary's number tokens ("1", " 42"): loops whose copies differ only in them are still loops."""
+        tokens = self.tokenizer.convert_ids_to_tokens(list(range(len(self.tokenizer))))
+        return frozenset(i for i, t in enumerate(tokens) if t and t.lstrip("Ġ▁").isdigit())
 
     def _count_waiting(self, change: int) -> None:
         with self._waiting_lock:
@@ -194,7 +204,7 @@ class TransformersGenerator(ABC):
                             stopping_criteria=StoppingCriteriaList([
                                 _StopOnEvent(stop, abandoned),
                                 _StopAtSentenceEnd(self.tokenizer, inputs["input_ids"].shape[1], settings)]),
-                            logits_processor=LogitsProcessorList([_BreakLoops(inputs["input_ids"].shape[1])]),
+                            logits_processor=LogitsProcessorList([_BreakLoops(inputs["input_ids"].shape[1], self.numbers)]),
                             pad_token_id=self.tokenizer.pad_token_id or self.tokenizer.eos_token_id,
                             **({"past_key_values": cache} if cache is not None else {}))
                         generated.append(self._new_tokens(inputs, sequences))

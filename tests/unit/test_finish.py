@@ -26,7 +26,7 @@ def test_stops_at_a_sentence_end_only_near_the_limit(tiny_causal_dir):
 
 def banned(prompt: list[int], reply: list[int]) -> set[int]:
     scores = torch.zeros(1, 50)
-    _BreakLoops(len(prompt))(torch.tensor([prompt + reply]), scores)
+    _BreakLoops(len(prompt), numbers=frozenset({40, 41, 42}))(torch.tensor([prompt + reply]), scores)
     return set(torch.nonzero(scores[0] == -float("inf")).flatten().tolist())
 
 
@@ -34,6 +34,8 @@ def test_a_phrase_may_not_start_a_fourth_copy_in_a_row():
     assert banned([1, 2], [5, 7, 9, 7, 9, 7, 9]) == {7}  # "sunglasses, sunglasses, sunglasses," → not again
     assert banned([1, 2], [3, 4, 6, 3, 4, 6, 3, 4, 6]) == {3}  # a longer phrase
     assert banned([1, 2], [8, 8, 8]) == {8}
+    assert banned([1, 2], [3, 40, 6, 3, 41, 6, 3, 42, 6]) == {3}  # "In 1610, … In 1611, … In 1612, …"
+    assert banned([1, 2], [40, 6, 41, 6, 42, 6]) == {40, 41, 42}  # a copy would start with a number
 
 
 def test_repeats_that_are_not_loops_are_allowed():
