@@ -7,6 +7,8 @@ import os
 import socket
 import sys
 import tempfile
+import threading
+import time
 
 from chatbot import footprint, media, weights
 from chatbot.config import NO_MODEL, Config, parse_args
@@ -34,30 +36,20 @@ def configure_environment(config: Config) -> None:
 
 
 def build_service(config: Config):
+    """The chat service, its text model not loaded yet: `load_models` loads it while the page is served."""
     from chatbot.conversation.relevance import MiniLMRelevance
     from chatbot.conversation.service import ChatService
     from chatbot.conversation.store import ConversationStore
-    from chatbot.generation.base import GenerationSettings, load_generator
+    from chatbot.generation.base import GenerationSettings, LoadingGenerator
     from chatbot.perception.encoder import Limits, MultimodalEncoder
     from chatbot.perception.speech import OnDemandRecognizer
     from chatbot.perception.vision import load_analyzers
 
-    if config.threads:
-        import torch
-
-        torch.set_num_threads(config.threads)
     store = ConversationStore(config.data_dir, config.database)  # first: a bad data dir fails before minutes of model loading
     log = logging.getLogger("app")
     if removed := store.collect_garbage():
         log.info("Removed %d media file(s) no conversation refers to", removed)
-    if config.text_backend == "openai":
-        log.info("Replies come from '%s' at %s", config.remote_model, config.base_url)
-    else:
-        log.info("Loading the text model '%s' (the first start prepares the bundled weights, about a minute)...",
-                 config.text_model)
-    generator = load_generator(config)
-    # Whisper and the photo models load at the first recording / photo: not every chat has one.
-    weights.prepare_models_used_later(config.speech_model)
+    generator = LoadingGenerator(lambda: load_text_model(config))
     release = config.release_models_after or None
     recognizer = None if config.speech_model == NO_MODEL else OnDemandRecognizer(
         config.speech_model, config.speech_language, release_after=release)
@@ -67,8 +59,6 @@ def build_service(config: Config):
     encoder = MultimodalEncoder(store.media_dir, recognizer, analyzers, limits)
     settings = GenerationSettings(max_new_tokens=config.max_new_tokens, temperature=config.temperature,
                                   top_p=config.top_p, repetition_penalty=config.repetition_penalty)
-    log.info("Loading the sentence embedder (relevance of earlier messages)...")
-    relevance = MiniLMRelevance().load()
     speaker = None
     if config.voice != NO_MODEL:
         from chatbot.voice.speaker import ReplySpeaker
@@ -76,15 +66,48 @@ def build_service(config: Config):
 
         log.info("Loading the voice '%s'...", config.voice)
         speaker = ReplySpeaker(load_voice(config.voice), store)
-    service = ChatService(encoder, generator, store, settings, system_prompt=config.system_prompt,
-                          relevance=relevance, listener=speaker)
-    return service
+    return ChatService(encoder, generator, store, settings, system_prompt=config.system_prompt,
+                       relevance=MiniLMRelevance(), listener=speaker)
+
+
+def load_text_model(config: Config):
+    """The reply model (and, at a first start, the files of the models loaded at their first use)."""
+    from chatbot.generation.base import load_generator
+
+    log = logging.getLogger("app")
+    if config.threads:
+        import torch
+
+        torch.set_num_threads(config.threads)
+    # Whisper's and the photo models' files (only a first start makes them); they load at their first use.
+    weights.prepare_models_used_later(config.speech_model)
+    if config.text_backend == "openai":
+        log.info("Replies come from '%s' at %s", config.remote_model, config.base_url)
+    else:
+        log.info("Loading the text model '%s' (the first start prepares the bundled weights, about a minute)...",
+                 config.text_model)
+    return load_generator(config)
 
 
 def read_system_prompt(service) -> None:
     """Every conversation starts with the system prompt: read it now (in the background), not in each first turn."""
     generator = service.generator
     generator.prefill(service.new_conversation().render(generator.count_tokens, generator.context_tokens)[:1])
+
+
+def load_models(service) -> bool:
+    """Load the text model (replies wait for it), then what helps later turns; whether the text model loaded.
+
+    Runs once the page is served: importing torch and transformers and loading the weights took most
+    of a later start, and a first start prepares the bundled weights here (about a minute).
+    """
+    if service.generator.load() is None:
+        return False
+    logging.getLogger("app").info("The text model is ready; loading the sentence embedder (relevance of earlier "
+                                  "messages)...")
+    service.relevance.load()
+    read_system_prompt(service)
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -136,11 +159,25 @@ def main(argv: list[str] | None = None) -> int:
     app = gr.mount_gradio_app(app, demo, path="/", server_name=config.host, server_port=config.port,
                               allowed_paths=[str(service.store.media_dir)], auth=config.auth, show_error=False,
                               max_file_size=int(config.max_upload_mb * 2**20), **page.launch_options())
-    read_system_prompt(service)  # only now: on two cores it would slow the import of Gradio above by seconds
+    server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="warning"))
+    # The models load once the page is served (a message sent meanwhile waits for the text model): on two
+    # cores, loading beside Gradio's import and the server's start would slow both by seconds.
+    threading.Thread(target=load_after_start, args=(config, service, server), name="load-models", daemon=True).start()
     logging.getLogger("app").info("Serving the chat on http://%s:%d/ and the OpenAI-compatible API at /v1 "
                                   "(Ctrl+C stops it)", config.host, config.port)
-    uvicorn.run(app, host=config.host, port=config.port, log_level="warning")
+    server.run()
+    if error := service.generator.error:
+        print(f"\nCannot start: {error}", file=sys.stderr)
+        return 2
     return 0
+
+
+def load_after_start(config: Config, service, server) -> None:
+    """`load_models` once `server` listens; a text model that cannot load stops the server (as a failed start)."""
+    while not (server.started or server.should_exit):
+        time.sleep(0.05)
+    if not load_models(service):
+        server.should_exit = True
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from chatbot.conversation.store import (
     ConversationSummary,
 )
 from chatbot.errors import UserFacingError
-from chatbot.generation.base import FinishReason, GenerationSettings, ReplyGenerator
+from chatbot.generation.base import FinishReason, GenerationSettings, ReplyGenerator, loading
 from chatbot.memory import Relevance
 from chatbot.perception.encoder import MultimodalEncoder
 from chatbot.state import DEFAULT_SYSTEM_PROMPT, Attachment, Conversation, Message, Role, Turn
@@ -102,6 +102,10 @@ class ChatService:
         closed = self.store.close_unanswered()
         if closed:
             log.warning("Marked %d reply(s) cut off by the last shutdown as interrupted", closed)
+
+    def text_model_loading(self) -> bool:
+        """Whether replies wait for the text model to load (the app loads it while serving the page)."""
+        return loading(self.generator)
 
     # -- conversations ------------------------------------------------------------------
     def new_conversation(self) -> Conversation:

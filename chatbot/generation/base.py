@@ -10,17 +10,21 @@ transformers one.
 from __future__ import annotations
 
 import importlib
+import logging
 import threading
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from concurrent.futures import Future
 from dataclasses import dataclass
 from enum import Enum
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
+from chatbot.errors import UserFacingError
 from chatbot.state import Message
 
 if TYPE_CHECKING:
     from chatbot.config import Config
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -131,3 +135,57 @@ def backend(name: str) -> type:
 
 def load_generator(config: Config) -> ReplyGenerator:
     return backend(config.text_backend).from_config(config)
+
+
+class LoadingGenerator:
+    """A reply model that loads in a background thread; every use waits until it is loaded.
+
+    The app serves its page while the model (and torch, transformers) load: a message sent
+    meanwhile is stored at once and its reply waits, as an API request does. Attributes and
+    methods are the loaded generator's (reading one waits for it).
+    """
+
+    def __init__(self, load: Callable[[], ReplyGenerator]) -> None:
+        self._load = load
+        self._loaded = threading.Event()
+        self._generator: ReplyGenerator | None = None
+        self._error: UserFacingError | None = None
+
+    @property
+    def ready(self) -> bool:
+        """Whether loading ended (loaded or failed): uses no longer wait."""
+        return self._loaded.is_set()
+
+    def load(self) -> ReplyGenerator | None:
+        """Load the model (in the thread that is to wait for it); None, and each use says why, if it failed."""
+        try:
+            self._generator = self._load()
+        except UserFacingError as error:
+            self._error = error
+        except Exception as error:  # noqa: BLE001 - shown to whoever waits, not lost in a thread
+            log.exception("Loading the text model failed")
+            self._error = UserFacingError(f"The text model could not be loaded ({type(error).__name__}: {error}).")
+        finally:
+            self._loaded.set()
+        return self._generator
+
+    @property
+    def error(self) -> UserFacingError | None:
+        return self._error
+
+    def wait(self) -> ReplyGenerator:
+        """The loaded generator, once it is (UserFacingError if loading failed)."""
+        self._loaded.wait()
+        if self._generator is None:
+            raise UserFacingError(str(self._error))
+        return self._generator
+
+    def __getattr__(self, name: str):
+        if name.startswith("_"):  # private fields (copy/pickle probe them before __init__): never wait
+            raise AttributeError(name)
+        return getattr(self.wait(), name)
+
+
+def loading(generator: ReplyGenerator) -> bool:
+    """Whether replies from `generator` still wait for its model to load."""
+    return isinstance(generator, LoadingGenerator) and not generator.ready

@@ -208,12 +208,19 @@ def _chunk(completion_id: str, created: int, model: str, delta: dict, finish: st
 def openai_router(service: ChatService, keys: ApiKeys, signed_in: bool = False) -> APIRouter:
     """The routes; `signed_in` (--auth) means the API, too, must never be open without a key."""
     router = APIRouter(prefix="/v1")
-    model = service.generator.name
+
+    async def model_name() -> str:
+        """The model's name; while the app loads the model, a request waits for it (off the event loop)."""
+        try:
+            return await anyio.to_thread.run_sync(lambda: service.generator.name)
+        except UserFacingError as error:  # it failed to load
+            raise ApiError(503, str(error), kind="server_error", code="model_not_loaded") from None
 
     @router.get("/models")
     async def models(request: Request):
         try:
             _owner(request, keys, signed_in)
+            model = await model_name()
         except ApiError as error:
             return error.response()
         return {"object": "list", "data": [{"id": model, "object": "model", "created": 0, "owned_by": "local"}]}
@@ -235,6 +242,7 @@ def openai_router(service: ChatService, keys: ApiKeys, signed_in: bool = False) 
                 raise ApiError(400, "The body is not JSON.") from None
             if not isinstance(body, dict):
                 raise ApiError(400, "The body must be a JSON object.")
+            model = await model_name()
             if body.get("model") != model:
                 raise ApiError(404, f"The model {body.get('model')!r} does not exist; this server has {model!r}.",
                                code="model_not_found", param="model")

@@ -301,6 +301,8 @@ class ChatPage:
         others = self.service.replies_running() - self.concurrency_limit + 1
         if others > 0:
             return f"Waiting for {others} other {'reply' if others == 1 else 'replies'} to finish…"
+        if self.service.text_model_loading():
+            return "Loading the text model first (seconds; a minute or two at the first start after installing)…"
         if loading := self.service.encoder.models_to_load(files):
             # Their first use in a while: seconds more than usual, said so the wait is not a mystery.
             return f"Loading {' and '.join(loading)} first (a few seconds)…"

@@ -2,6 +2,7 @@
 the tiny transformers model and the canned generator (whose replies stream many readable pieces)."""
 
 import json
+import threading
 import time
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from chatbot.config import Config
 from chatbot.conversation.owners import ChatSession
 from chatbot.conversation.service import ChatService
 from chatbot.conversation.store import ConversationStore
-from chatbot.generation.base import GenerationSettings, load_generator
+from chatbot.generation.base import GenerationSettings, LoadingGenerator, load_generator
 from chatbot.perception.encoder import MultimodalEncoder
 from chatbot.state import Attachment, AttachmentKind, Conversation, Observation, ObservationKind, Role, Turn
 from chatbot.web.page import FINISHED, MIC_ICON, ChatPage, chat_messages
@@ -217,6 +218,43 @@ def test_a_recording_that_must_load_the_speech_model_says_so(generator, tmp_path
     status = page.accept({"text": "", "files": [recording]}, ChatSession(), TAB)[3].value
     assert "Loading the speech model first" in status
     assert "Thinking…" in page.accept({"text": "hi", "files": []}, ChatSession(), OTHER_TAB)[3].value
+
+
+def slow_to_load(generator, loaded: threading.Event) -> LoadingGenerator:
+    """`generator` behind a load that ends only once `loaded` is set, loading in a thread as the app does."""
+    slow = LoadingGenerator(lambda: loaded.wait(30) and generator)
+    threading.Thread(target=slow.load, daemon=True).start()
+    return slow
+
+
+def test_a_message_sent_while_the_text_model_loads_waits_and_is_answered(generator, tmp_path):
+    loaded = threading.Event()
+    page = make_page(slow_to_load(generator, loaded), tmp_path)
+    status = page.accept({"text": "hello cat", "files": []}, ChatSession(), TAB)[3].value
+    assert "Loading the text model first" in status
+    stream = page.respond({"text": "hello cat", "files": []}, ChatSession(), TAB)
+    shown, _, session = next(stream)  # the message is in and stored; its reply waits for the model
+    assert words(shown[-1]) == "hello cat" and not page.service.generator.ready
+    assert [t.role for t in page.service.open(session.owner, session.conversation_id).turns] == [Role.USER]
+    threading.Timer(0.2, loaded.set).start()
+    *_, (chat, _, session) = stream
+    assert [m["role"] for m in chat] == ["user", "assistant"] and words(chat[-1]).strip()
+    turns = page.service.open(session.owner, session.conversation_id).turns
+    assert [t.role for t in turns] == [Role.USER, Role.ASSISTANT] and not turns[1].notice
+    assert "Thinking…" in page.accept({"text": "hi", "files": []}, session, TAB)[3].value
+
+
+def test_a_text_model_that_fails_to_load_answers_with_why_and_keeps_the_message(tmp_path):
+    def broken():
+        raise OSError("model.safetensors is truncated")
+
+    failing = LoadingGenerator(broken)
+    page = make_page(failing, tmp_path)
+    threading.Thread(target=failing.load).start()
+    chats, session = send(page, ChatSession(), "hello cat")
+    turns = page.service.open(session.owner, session.conversation_id).turns
+    assert turns[0].text == "hello cat" and turns[-1].notice and "could not be loaded" in turns[-1].text
+    assert "model.safetensors is truncated" in words(chats[-1][-1])
 
 
 def test_a_cut_reply_offers_continue_until_continued(page):
