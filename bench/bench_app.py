@@ -21,6 +21,7 @@ import json
 import os
 import statistics
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -146,37 +147,84 @@ def server_timings(chat_turns: int) -> dict:
             pid = server.process.pid
             served_cpu = _cpu_seconds(pid)
             client = Client(server.url, verbose=False)
-            client.predict({"text": "Hello!", "files": []}, api_name="/chat")
-            first_reply = time.perf_counter() - start
-            memory = {"after_start_mb": _memory_mb(pid, "VmRSS")}
-            photo_s, voice_s = [], []
-            for turn in range(2, chat_turns + 1):
-                t = time.perf_counter()
-                if turn in PHOTO_TURNS:
-                    # Real photos (scikit-image's samples) under neutral names, a plain question.
-                    sample = ("chelsea", "coffee", "astronaut")[len(photo_s) % 3]
-                    photo = tmp / f"IMG_{turn:04d}.jpg"
-                    Image.fromarray(getattr(skimage.data, sample)()).convert("RGB").save(photo, quality=90)
-                    client.predict({"text": "What is in this photo?", "files": [handle_file(str(photo))]},
-                                   api_name="/chat")
-                    photo_s.append(time.perf_counter() - t)
-                    memory.setdefault("after_first_photo_mb", _memory_mb(pid, "VmRSS"))
-                elif turn in VOICE_TURNS:
-                    client.predict({"text": "", "files": [handle_file(str(ROOT / "tests/data/capital_of_france.wav"))]},
-                                   api_name="/chat")
-                    voice_s.append(time.perf_counter() - t)
-                    memory.setdefault("after_first_voice_mb", _memory_mb(pid, "VmRSS"))
-                else:
-                    client.predict({"text": user_message(turn), "files": []}, api_name="/chat")
+            trace = RssTrace(pid)
+            with trace:
+                trace.step = "turn 1 (after the page: the models load)"
+                client.predict({"text": "Hello!", "files": []}, api_name="/chat")
+                first_reply = time.perf_counter() - start
+                memory = {"after_start_mb": _memory_mb(pid, "VmRSS")}
+                photo_s, voice_s = [], []
+                for turn in range(2, chat_turns + 1):
+                    t = time.perf_counter()
+                    if turn in PHOTO_TURNS:
+                        trace.step = f"turn {turn} (photo)"
+                        # Real photos (scikit-image's samples) under neutral names, a plain question.
+                        sample = ("chelsea", "coffee", "astronaut")[len(photo_s) % 3]
+                        photo = tmp / f"IMG_{turn:04d}.jpg"
+                        Image.fromarray(getattr(skimage.data, sample)()).convert("RGB").save(photo, quality=90)
+                        client.predict({"text": "What is in this photo?", "files": [handle_file(str(photo))]},
+                                       api_name="/chat")
+                        photo_s.append(time.perf_counter() - t)
+                        memory.setdefault("after_first_photo_mb", _memory_mb(pid, "VmRSS"))
+                    elif turn in VOICE_TURNS:
+                        trace.step = f"turn {turn} (voice)"
+                        client.predict({"text": "", "files": [handle_file(str(ROOT / "tests/data/capital_of_france.wav"))]},
+                                       api_name="/chat")
+                        voice_s.append(time.perf_counter() - t)
+                        memory.setdefault("after_first_voice_mb", _memory_mb(pid, "VmRSS"))
+                    else:
+                        trace.step = f"turn {turn}"
+                        client.predict({"text": user_message(turn), "files": []}, api_name="/chat")
             memory["end_mb"] = _memory_mb(pid, "VmRSS")
             peak_rss = _memory_mb(pid, "VmHWM")
         finally:
             server.stop()
+    peaks = trace.peaks()
+    peak_step = max(peaks, key=peaks.get) if peaks else None
     return {"page_served_s": served, "page_served_cpu_s": served_cpu, "first_reply_s": first_reply,
             "chat_turns": chat_turns,
             "photo_turn_s": statistics.median(photo_s) if photo_s else None,
             "voice_turn_s": statistics.median(voice_s) if voice_s else None,
-            "memory": memory, "peak_rss_mb": peak_rss}
+            "memory": memory, "peak_rss_mb": peak_rss, "peak_step": peak_step,
+            "rss_peak_by_step_mb": peaks, "rss_trace": trace.samples}
+
+
+class RssTrace:
+    """The server's resident memory every `interval` seconds, each sample labelled with the step running then.
+
+    VmHWM gives the peak but not its moment; this says which turn (text, photo, voice) reached it.
+    """
+
+    def __init__(self, pid: int, interval: float = 0.2) -> None:
+        self.pid, self.interval = pid, interval
+        self.step = ""
+        self.samples: list[tuple[float, str, float]] = []  # (seconds since start, step, RSS MB)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> RssTrace:
+        self._began = time.perf_counter()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                rss = _memory_mb(self.pid, "VmRSS")
+            except OSError:  # the server ended
+                return
+            self.samples.append((time.perf_counter() - self._began, self.step, rss))
+
+    def peaks(self) -> dict[str, float]:
+        """The highest sample of each step, in the order the steps ran."""
+        found: dict[str, float] = {}
+        for _, step, rss in self.samples:
+            found[step] = max(found.get(step, 0.0), rss)
+        return found
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -231,6 +279,10 @@ def format_tables(server: dict | None, turns: dict[str, dict], first: dict | Non
                   f"| {seconds(server['photo_turn_s'])} | {seconds(server['voice_turn_s'])} "
                   f"| {megabytes('after_start_mb')} | {megabytes('after_first_photo_mb')} "
                   f"| {megabytes('after_first_voice_mb')} | {megabytes('end_mb')} | {server['peak_rss_mb']:.0f} MB |", ""]
+        if server.get("peak_step"):
+            top = sorted(server["rss_peak_by_step_mb"].items(), key=lambda item: -item[1])[:5]
+            lines += ["Highest RSS sampled (every 0.2 s) by step: "
+                      + ", ".join(f"{step} {mb:.0f} MB" for step, mb in top), ""]
     lines += ["| text turns | TTFT turn 2 | TTFT last turn | last / 2 | median TTFT 1-3 | median TTFT last 3 "
               "| worst TTFT | prompt tokens (last) | tok/s turn 2 | tok/s last | longest read-ahead |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
