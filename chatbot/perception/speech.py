@@ -13,11 +13,14 @@ import threading
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from chatbot import footprint, weights
 from chatbot.errors import UserFacingError
-from chatbot.perception.audio import SAMPLE_RATE, AudioClip
 from chatbot.perception.on_demand import OnDemand
+
+if TYPE_CHECKING:  # audio imports torch: not before the page is served
+    from chatbot.perception.audio import AudioClip
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +140,8 @@ class TransformersRecognizer(SpeechRecognizer):
 
     def transcribe(self, clip: AudioClip, language_hint: str | None = None, language: str | None = None) -> Transcript:
         import torch
+
+        from chatbot.perception.audio import SAMPLE_RATE
 
         audio = clip.waveform.numpy()
         long_form = self._is_whisper and audio.size > WHISPER_WINDOW_SECONDS * SAMPLE_RATE
