@@ -18,7 +18,11 @@ def test_first_start_from_empty_caches_serves_and_answers(tmp_path):
            "HF_HOME": str(cache / "hf")}
     began = time.monotonic()
     with AppServer(tmp_path / "data", env=env, startup_timeout=850) as server:
-        first_start = time.monotonic() - began
+        page = time.monotonic() - began
+        # The page is served at once; the first message waits while the weights are prepared and loaded.
+        chat = api_send(Client(server.url, verbose=False), "What is the capital of France? Answer with one word.")
+        first_reply = time.monotonic() - began
+        assert "paris" in text_of(chat[-1]).lower()
         # Everything the bundled models need was built from the installed packages, here and now.
         assert (cache / "chatbot" / "qwen2.5-coder-0.5b-instruct.gguf").stat().st_size > 400e6
         assert (cache / "chatbot" / "qwen2.5-0.5b-hf" / "config.json").exists()
@@ -26,6 +30,4 @@ def test_first_start_from_empty_caches_serves_and_answers(tmp_path):
         assert (cache / "chatbot" / "whisper-base-ct2" / "model.bin").stat().st_size > 50e6
         assert (cache / "chatbot" / "efficientnet-lite0-0.1.0" / "model.onnx").stat().st_size > 10e6
         assert (cache / "chatbot" / "all-minilm-l6-v2-0.1.0" / "model.onnx").stat().st_size > 80e6  # the relevance scorer
-        chat = api_send(Client(server.url, verbose=False), "What is the capital of France? Answer with one word.")
-        assert "paris" in text_of(chat[-1]).lower()
-    print(f"first start from empty caches: {first_start:.0f} s")
+    print(f"first start from empty caches: page {page:.0f} s, first reply {first_reply:.0f} s")
