@@ -4,7 +4,9 @@ Whisper and the photo models hold ≈0.25 GB and take seconds to load, for turns
 have (or have once): loading them at start made every start slower and every chat bigger. An
 `OnDemand` loads its model when a turn first needs it (concurrent first uses wait for the one
 load), and drops it once `release_after` seconds pass with no use, so a long text-only stretch
-of a chat does not carry them.
+of a chat does not carry them. Models of different groups (the photo models, Whisper) are not kept
+side by side: loading one group first drops the others that are idle, since a photo's or a
+recording's working memory on top of both made the app's peak.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import gc
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Generic, TypeVar
@@ -23,16 +26,21 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+_EVERY: weakref.WeakSet[OnDemand] = weakref.WeakSet()  # each OnDemand alive, so a load can drop other groups' idle models
+
 
 class OnDemand(Generic[T]):
     """`load()` run at the first `use()`; the result shared by every user and released when idle.
 
     `release_after`: seconds without use after which the model is dropped (the next use loads it
     again); None keeps it once loaded. A load that fails keeps nothing: the next use tries again.
+    `group`: models used together (a photo's analysers); loading this one drops idle models of other groups.
     """
 
-    def __init__(self, load: Callable[[], T], *, name: str, release_after: float | None = None) -> None:
+    def __init__(self, load: Callable[[], T], *, name: str, release_after: float | None = None,
+                 group: str | None = None) -> None:
         self.name = name
+        self.group = group or name
         self._load = load
         self.release_after = release_after
         self._model: T | None = None
@@ -42,6 +50,7 @@ class OnDemand(Generic[T]):
         self._state = threading.Lock()  # guards the fields above; never held while loading
         self._loading = threading.Lock()  # one load at a time: concurrent first uses wait for it
         self.loads = 0  # how many times the model was loaded (the log and tests read it)
+        _EVERY.add(self)
 
     @property
     def loaded(self) -> bool:
@@ -62,6 +71,9 @@ class OnDemand(Generic[T]):
                 if self._model is not None:
                     self._users += 1
                     return self._model
+            for other in list(_EVERY):
+                if other.group != self.group:
+                    other.release()  # only if idle: one in use stays
             start = time.perf_counter()
             model = self._load()
             with self._state:

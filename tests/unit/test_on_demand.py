@@ -146,6 +146,23 @@ def test_a_use_after_the_timer_started_postpones_the_release():
 
 # -- the app's wrappers on the real bundled models -----------------------------------------------------
 @pytest.mark.slow
+def test_loading_one_group_drops_the_idle_models_of_other_groups_only():
+    classifier = OnDemand(SlowLoader(0), name="classifier", group="photo")
+    ocr = OnDemand(SlowLoader(0), name="ocr", group="photo")
+    whisper = OnDemand(SlowLoader(0), name="whisper")
+    with classifier.use():
+        pass
+    with ocr.use():
+        pass
+    assert classifier.loaded and ocr.loaded  # same group: kept side by side (a photo uses them together)
+    with ocr.use():  # in use while the speech model loads: not dropped
+        with whisper.use():
+            assert ocr.loaded and not classifier.loaded
+    with classifier.use():
+        assert not whisper.loaded and ocr.loaded
+    assert classifier.loads == 2 and whisper.loads == 1
+
+
 def test_on_demand_whisper_loads_once_for_concurrent_first_recordings():
     recognizer = OnDemandRecognizer("whisper-tiny.en")
     assert not recognizer.loaded

@@ -39,7 +39,8 @@ class OnDemandAnalyzer(ImageAnalyzer):
         self.kind = kind
         self.name = kind.name
         self.wants_question = kind.wants_question
-        self._analyzer = OnDemand(kind, name=f"the image model '{kind.name}'", release_after=release_after)
+        self._analyzer = OnDemand(kind, name=f"the image model '{kind.name}'", release_after=release_after,
+                                  group="photo models")
 
     @property
     def loaded(self) -> bool:
