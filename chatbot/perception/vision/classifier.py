@@ -56,7 +56,7 @@ class SceneClassifier(ImageAnalyzer):
         from chatbot.perception.onnx import session
         from chatbot.weights import efficientnet_lite0_onnx
 
-        self._session = session(efficientnet_lite0_onnx(), threads)
+        self._session = session(efficientnet_lite0_onnx(), threads, give_back_memory=True)
         classes = (MODELS_DIR / "imagenet-classes.txt").read_text().splitlines()
         self._words = plain_labels(classes)
         self._min_probability = min_probability

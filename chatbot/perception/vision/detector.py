@@ -62,7 +62,7 @@ class ObjectDetector(ImageAnalyzer):
     def __init__(self, *, min_score: float = 0.45, threads: int = 2) -> None:
         from chatbot.perception.onnx import session
 
-        self._session = session(MODEL_FILE, threads)
+        self._session = session(MODEL_FILE, threads, give_back_memory=True)
         self._min_score = min_score
         self._lock = threading.Lock()
 
