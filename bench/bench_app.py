@@ -8,7 +8,8 @@ machine (empty cache folders: join, convert and quantize the bundled model) up t
 the first reply, then a later start (cache filled) up to the page and the first
 reply, then a chat of --chat-turns turns with 3 photos and 2 voice turns; resident
 memory is read after the start, after the first photo (OCR session) and after the
-first voice turn (Whisper), and the peak at the end. Time to first token
+first voice turn (Whisper), and the peak at the end; it is also sampled every 0.2 s, labelled
+with the turn running, so the turn that makes the peak is named. Time to first token
 at turn 2 vs turn N is measured in-process through the app's ChatService on the
 default reply model, with and without reuse of the KV cache across turns. Prints tables; writes JSON under
 bench/results/.
