@@ -96,16 +96,20 @@ def read_system_prompt(service) -> None:
 
 
 def load_models(service) -> bool:
-    """Load the text model (replies wait for it), then what helps later turns; whether the text model loaded.
+    """Load the sentence embedder, the text model (replies wait for it), read the system prompt; whether the text
+    model loaded.
 
     Runs once the page is served: importing torch and transformers and loading the weights took most
     of a later start, and a first start prepares the bundled weights here (about a minute).
     """
+    log = logging.getLogger("app")
+    log.info("Loading the sentence embedder (relevance of earlier messages)...")
+    try:  # first: a first start exports it (seconds), as it prepares the other models' files
+        service.relevance.load()
+    except Exception:  # noqa: BLE001 - the replies must not wait for it forever; its first use tries again
+        log.exception("Loading the sentence embedder failed")
     if service.generator.load() is None:
         return False
-    logging.getLogger("app").info("The text model is ready; loading the sentence embedder (relevance of earlier "
-                                  "messages)...")
-    service.relevance.load()
     read_system_prompt(service)
     return True
 
