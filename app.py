@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     server = uvicorn.Server(uvicorn.Config(app, host=config.host, port=config.port, log_level="warning"))
     # The models load once the page is served (a message sent meanwhile waits for the text model): on two
     # cores, loading beside Gradio's import and the server's start would slow both by seconds.
-    threading.Thread(target=load_after_start, args=(config, service, server), name="load-models", daemon=True).start()
+    threading.Thread(target=load_after_start, args=(service, server), name="load-models", daemon=True).start()
     logging.getLogger("app").info("Serving the chat on http://%s:%d/ and the OpenAI-compatible API at /v1 "
                                   "(Ctrl+C stops it)", config.host, config.port)
     server.run()
@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def load_after_start(config: Config, service, server) -> None:
+def load_after_start(service, server) -> None:
     """`load_models` once `server` listens; a text model that cannot load stops the server (as a failed start)."""
     while not (server.started or server.should_exit):
         time.sleep(0.05)
