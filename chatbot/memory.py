@@ -10,8 +10,10 @@ before running", the facts came back as "Matilda should eat breakfast before her
   statement about the same thing ("my name is ...") replaces the earlier one;
 - every photo, recording and document with what its notes say, retrievable by label ("Photo 2",
   "the second photo", "my recording", "Document 1") and by content ("the sign", "the invoice");
+  rendered only once its message is no longer in the prompt (the history says it until then);
 - the earlier messages that no longer fit the prompt, the ones most relevant to the newest
-  message first (`Relevance`, e.g. a sentence embedder; word overlap without one).
+  message first (`Relevance`, e.g. a sentence embedder; word overlap without one), unless a
+  message still in the prompt (or one recalled already) says the same.
 
 Nothing here is stored: the state is derived from the turns, so saved conversations need no
 new fields. Torch-free: the relevance scorer is passed in.
@@ -31,6 +33,8 @@ class Relevance(Protocol):
     threshold: float  # below it a candidate is unrelated (unrelated old chatter only costs prompt time)
     # Below it a tracked fact or attachment is unrelated to the message and stays out of the block.
     fact_threshold: float
+    # At or above it a message says what another says (the same request again): recalling it adds nothing.
+    duplicate_threshold: float
 
     def __call__(self, query: str, candidates: Sequence[str]) -> list[float]: ...
 
@@ -73,12 +77,14 @@ class TrackedState:
         self.items += list(items)
 
     def render(self, query: str, dropped: Sequence[Said], count_tokens: Callable[[str], int], room: int,
-               relevance: Relevance | None = None) -> str:
+               relevance: Relevance | None = None, window: Sequence[Said] = ()) -> str:
         """The state as a bracketed note for the newest message, within `room` tokens.
 
         Facts and attachments related to `query` come first (all of those when they fit, else the
         most relevant); the rest of the room goes to the condensed-out messages most relevant to it.
         Nothing related: no facts, no attachments (an empty string when nothing else is recalled).
+        `window`: the user messages the prompt still holds. The block recalls what they no longer say:
+        not the attachments sent with them, nor a condensed-out message one of them repeats.
         """
         score = relevance or WordOverlap()
         sections: list[tuple[str, list[str]]] = []
@@ -86,12 +92,17 @@ class TrackedState:
         # model answered "Your dog is called Matilda"); none when none does.
         if any(_related(query, [f.text for f in self.facts], score)):
             sections.append(("What the user told you earlier (in your words to them):", [f.text for f in self.facts]))
-        if self.items:
+        # An attachment whose message is still in the prompt has its notes there. Repeated right before the
+        # question, the 0.5B model echoed the question back ("Which road was on the sign I showed you?" got "The
+        # road was on the sign I showed you."; with the notes only in the history: "The road was the HARBOR ROAD").
+        shown = {said.turn for said in window}
+        items = [item for item in self.items if item.turn not in shown]
+        if items:
             # The ones the message names, in full; when it names none, those its notes relate to, shortened.
             # Listing the others beside a named photo made the 0.5B model answer from the wrong one (bench.quality).
-            named = [mentions(query, item) for item in self.items]
-            wanted = [item for item, n in zip(self.items, named, strict=True) if n and n == max(named)]
-            related = [item for item, ok in zip(self.items, _related(query, [i.note for i in self.items], score),
+            named = [mentions(query, item) for item in items]
+            wanted = [item for item, n in zip(items, named, strict=True) if n and n == max(named)]
+            related = [item for item, ok in zip(items, _related(query, [i.note for i in items], score),
                                                 strict=True) if ok]
             if wanted or related:
                 sections.append(("Photos, recordings and documents the user sent (from their notes):",
@@ -102,11 +113,20 @@ class TrackedState:
             scores = score(query, [d.text for d in candidates])
             ranked = sorted(zip(scores, candidates, strict=True), key=lambda p: -p[0])
             recalled = ["Earlier messages related to this one (most related first):"]
-            for _, said in [p for p in ranked if p[0] >= score.threshold][:MAX_RECALLED]:
+            # What the window still says, or a message already recalled says, is not recalled again: each recalled
+            # line is read anew every turn (a chat that comes back to a topic recalled its earlier mentions beside
+            # the latest one still in the window, 96-166 prompt tokens a turn instead of ~30).
+            said_already = [s.text for s in window if s.text.strip()]
+            for _, said in [p for p in ranked if p[0] >= score.threshold]:
+                if len(recalled) > MAX_RECALLED:
+                    break
+                if said_already and max(score(said.text, said_already)) >= score.duplicate_threshold:
+                    continue
                 line = f'- The user said: "{_shorten(said.text, 160)}"'
                 if count_tokens(_wrap(lines + recalled + [line])) > room:
                     break
                 recalled.append(line)
+                said_already.append(said.text)
             lines += recalled if len(recalled) > 1 else []
         return _wrap(lines) if lines else ""
 
@@ -227,6 +247,8 @@ class WordOverlap:
 
     threshold = 0.2
     fact_threshold = 0.2
+    # The same request again scored 0.9-1.0, different ones (even on one template) at most 0.6 (tests/unit/test_memory.py).
+    duplicate_threshold = 0.75
 
     def __call__(self, query: str, candidates: Sequence[str]) -> list[float]:
         words = _content_words(query)

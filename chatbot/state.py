@@ -245,8 +245,9 @@ class Conversation:
         first (later turns often refer back to a photo or recording), then the
         user's own words, newest first, shortened if need be.
 
-        The tracked state (`tracked`: facts the user stated, photos and recordings,
-        the dropped messages most `relevance`-related to the newest one) goes into
+        The tracked state (`tracked`: facts the user stated, photos and recordings whose
+        turns were dropped, the dropped messages most `relevance`-related to the newest one
+        that the kept turns do not repeat) goes into
         the newest message: it changes every turn, so it must come after the
         history, whose rendering stays the same from turn to turn (the decoder
         reuses its cache for it). It gets a fixed share of the budget.
@@ -265,8 +266,9 @@ class Conversation:
             window[-1] = Message(newest.role, _clipped(newest.content, count_tokens, cost[-1] - _MESSAGE_OVERHEAD - over))
         if notes and turns and turns[-1].role is Role.USER:
             dropped = [Said(t.text, i) for i, t in enumerate(turns[:first]) if t.role is Role.USER]
+            kept = [Said(t.text, i) for i, t in enumerate(turns[first:-1], first) if t.role is Role.USER]
             block = self.tracked(turns[:-1]).render(turns[-1].text or window[-1].content, dropped, count_tokens,
-                                                    budget - history, relevance)
+                                                    budget - history, relevance, window=kept)
             if block:
                 window[-1] = Message(Role.USER, f"{block}\n{window[-1].content}")
         return window

@@ -22,6 +22,9 @@ class MiniLMRelevance:
     # Tracked facts are short sentences addressed to the user: the bench's questions about them scored
     # 0.34-0.72 against their fact, its 22 unrelated requests at most 0.30 against any (bench.quality).
     fact_threshold = 0.32
+    # The same request again ("Turn 40: tell me one short tip about my trip to Lisbon…" against turn 32's) scored
+    # 0.88-0.98; different requests, also on one template or about one person, at most 0.70 (tests/unit/test_memory.py).
+    duplicate_threshold = 0.8
 
     def __init__(self, cache_size: int = 4096, threads: int = 1):
         self.cache_size = cache_size

@@ -74,24 +74,40 @@ def test_photo_notes_stay_retrievable_by_label_and_by_content():
     conv = Conversation()
     conv.add_user_turn(photo_turn("", "aa", "HARBOR ROAD Lisbon 12 km " + "small print " * 40))
     conv.add_user_turn(photo_turn("", "bb", "OPEN 9 to 5 " + "opening hours " * 40))
+    conv.add_user_turn(Turn(role=Role.USER, attachments=[Attachment(kind=AttachmentKind.AUDIO, path="/m/cc.wav",
+                                                                    sha256="cc")]))
+    conv.add_assistant_turn("Noted.")
+    for i in range(60):  # the attachments' messages are condensed out of the history
+        conv.add_user_turn(Turn(role=Role.USER, text=FILLER[i % len(FILLER)]))
+        conv.add_assistant_turn("Here is a short answer with a few words of advice for you. " * 2)
     for query, full in [("What did the sign to Lisbon say?", "aa"), ("What was in my second photo?", "bb"),
                         ("What does Photo 1 say?", "aa")]:
         asked = Conversation.from_dict(conv.to_dict())
         asked.add_user_turn(Turn(role=Role.USER, text=query))
-        note = asked.render(words, 4000)[-1].content
+        messages = asked.render(words, 2000)
+        assert "HARBOR" not in "".join(m.content for m in messages[1:-1])
+        note = messages[-1].content
         lines = {line.split(":", 1)[0]: line.rstrip("]") for line in note.splitlines() if line.startswith("- Photo")}
         assert not lines[f"- Photo {1 if full == 'aa' else 2} ({'first' if full == 'aa' else 'second'} photo)"] \
             .endswith("…")  # the one asked about is in full
-        assert len(lines) == 1  # the other one is left out of the block (it is still in the history)
+        assert len(lines) == 1  # the other one is left out of the block
     # Named only by its kind: every photo, in full; the recording, not a photo, is left out.
-    conv.add_user_turn(Turn(role=Role.USER, attachments=[Attachment(kind=AttachmentKind.AUDIO, path="/m/cc.wav",
-                                                                    sha256="cc")]))
     asked = Conversation.from_dict(conv.to_dict())
     asked.add_user_turn(Turn(role=Role.USER, text="What did my photo show?"))
-    note = asked.render(words, 4000)[-1].content
+    note = asked.render(words, 2000)[-1].content
     assert "- Photo 1" in note and "- Photo 2" in note and "Recording 1" not in note and "…" not in note
     asked.turns[-1].text = "Tell me a joke."  # unrelated to every attachment: none in the block
-    assert asked.render(words, 4000)[-1].content == "Tell me a joke."
+    assert asked.render(words, 2000)[-1].content == "Tell me a joke."
+
+
+def test_an_attachment_whose_message_is_still_in_the_prompt_is_not_repeated_in_the_block():
+    """Its notes right before the question made the 0.5B model echo the question: "Which road was on the sign I
+    showed you?" got "The road was on the sign I showed you." (bench.quality); from the history alone it read it."""
+    conv = long_chat(photo_turn("Look at this sign I saw today.", "aa", "HARBOR ROAD / Lisbon 12 km"), n=10)
+    conv.add_user_turn(Turn(role=Role.USER, text="Which road was on the sign I showed you?"))
+    messages = conv.render(words, 4000)
+    assert "HARBOR ROAD" in messages[1].content  # the photo's own message, in the history
+    assert messages[-1].content == "Which road was on the sign I showed you?"
 
 
 @pytest.mark.parametrize("relevance", [WordOverlap(), "minilm"])
@@ -132,6 +148,61 @@ def test_condensed_out_messages_are_recalled_by_relevance_not_recency(relevance)
     note = messages[-1].content
     recalled = note[note.index("Earlier messages related"):].splitlines()[1:]
     assert "Matilda" in recalled[0]  # the oldest message, recalled first because it is the relevant one
+
+
+TOPICS = ["my cat Miso", "hiking in the Alps", "baking sourdough", "my trip to Lisbon"]
+
+
+def topic_chat(n: int, topics: list[str] = TOPICS) -> Conversation:
+    """bench.bench_app's chat: the same request about a few topics in turn."""
+    conv = Conversation()
+    for i in range(n):
+        conv.add_user_turn(Turn(role=Role.USER, text=f"Turn {i + 1}: tell me one short tip about "
+                                                     f"{topics[i % len(topics)]}, in two sentences."))
+        conv.add_assistant_turn("Here is a short answer with a few words of advice for you. " * 2)
+    return conv
+
+
+@pytest.mark.parametrize("relevance", [WordOverlap(), "minilm"])
+def test_a_condensed_out_message_the_prompt_still_repeats_is_not_recalled(relevance):
+    """bench.bench_app's turn 40 (the Lisbon request again) recalled turns 8 and 16, the same request, while turn 36
+    was still in the history: 96-166 prompt tokens read a turn instead of ~30, for nothing the prompt did not say."""
+    if relevance == "minilm":
+        relevance = MiniLMRelevance()
+    conv = topic_chat(39)
+    conv.add_user_turn(Turn(role=Role.USER, text="Turn 40: tell me one short tip about my trip to Lisbon, in two "
+                                                 "sentences."))
+    messages = conv.render(words, 1000, relevance)
+    history = "".join(m.content for m in messages[1:-1])
+    assert "Turn 8:" not in history and "Turn 36:" in history  # condensed out; its repeat is still there
+    assert messages[-1].content.startswith("Turn 40:")  # nothing recalled
+
+
+@pytest.mark.parametrize("relevance", [WordOverlap(), "minilm"])
+def test_condensed_out_messages_that_repeat_each_other_are_recalled_once(relevance):
+    if relevance == "minilm":
+        relevance = MiniLMRelevance()
+    conv = topic_chat(8)  # Lisbon in turns 4 and 8 only
+    for i in range(30):
+        conv.add_user_turn(Turn(role=Role.USER, text=FILLER[i % len(FILLER)]))
+        conv.add_assistant_turn("Here is a short answer with a few words of advice for you. " * 2)
+    conv.add_user_turn(Turn(role=Role.USER, text="What did I ask you about my trip to Lisbon?"))
+    messages = conv.render(words, 600, relevance)
+    assert "Lisbon" not in "".join(m.content for m in messages[1:-1])
+    note = messages[-1].content
+    recalled = note[note.index("Earlier messages related"):].splitlines()[1:]
+    assert sum("Lisbon" in line for line in recalled if line.startswith("- The user said")) == 1, recalled
+
+
+@pytest.mark.parametrize("relevance", [WordOverlap(), "minilm"])
+def test_a_question_still_in_the_prompt_does_not_hide_the_condensed_out_answer(relevance):
+    """The question scores high against the statement it asks about (MiniLM 0.69, word overlap 0.67), but below the
+    cut-off for a repeat: the window asks it, only the condensed-out message says it."""
+    if relevance == "minilm":
+        relevance = MiniLMRelevance()
+    note = TrackedState().render("Tell me my daughter's name again.", [Said("My daughter's name is Matilda.", 0)],
+                                 words, 500, relevance, window=[Said("What is my daughter's name?", 30)])
+    assert "Matilda" in note
 
 
 def test_unrelated_condensed_out_messages_are_not_recalled():
