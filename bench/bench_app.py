@@ -70,6 +70,16 @@ def turn_timings(turns: int, reuse_cache: bool, max_new_tokens: int = 32) -> lis
         wait_idle_after(generator.prefill(service.new_conversation().render(generator.count_tokens, 10**6)[:1]))
         conv = service.new_conversation()
         rows = []
+        # Prompt tokens the model reads for a turn (load-independent, unlike TTFT): every token its forward
+        # pass gets before the reply's first token (later calls are decoding steps or reading ahead).
+        read = {"tokens": 0, "counting": False}
+
+        def count_read(_module, args, kwargs) -> None:
+            ids = kwargs.get("input_ids", args[0] if args else None)
+            if read["counting"] and ids is not None:
+                read["tokens"] += ids.shape[-1]
+
+        generator.model.register_forward_pre_hook(count_read, with_kwargs=True)
         for i in range(turns):
             asked = Conversation.from_dict(conv.to_dict())
             asked.add_user_turn(Turn(role=Role.USER, text=user_message(i)))
@@ -77,13 +87,17 @@ def turn_timings(turns: int, reuse_cache: bool, max_new_tokens: int = 32) -> lis
             start = time.perf_counter()
             first = None
             reply = ""
+            read.update(tokens=0, counting=True)
             for reply in service.respond("key:bench", conv, user_message(i)):
                 if reply and first is None:
                     first = time.perf_counter()
+                    read["counting"] = False
             end = time.perf_counter()
             idle = wait_idle_after()
             new_tokens = generator.count_tokens(reply)
+            read["counting"] = False
             rows.append({"turn": i + 1, "prompt_tokens": generator.encode_prompt(prompt)["input_ids"].shape[1],
+                         "prompt_tokens_read": read["tokens"],
                          "ttft_s": (first or end) - start, "new_tokens": new_tokens, "read_ahead_s": idle,
                          "tokens_per_s": (new_tokens - 1) / (end - first) if first and new_tokens > 1 and end > first
                          else 0.0})
@@ -254,6 +268,9 @@ def summarise_turns(rows: list[dict], early: int = 2) -> dict:
         "ttft_early_median3_s": statistics.median(r["ttft_s"] for r in around(early)),
         "ttft_late_median3_s": statistics.median(r["ttft_s"] for r in around(late - 1)),
         "prompt_tokens_late": pick(late)["prompt_tokens"],
+        "read_early": pick(early)["prompt_tokens_read"], "read_late": pick(late)["prompt_tokens_read"],
+        "read_median": statistics.median(r["prompt_tokens_read"] for r in rows[early:]),
+        "read_max": max(r["prompt_tokens_read"] for r in rows[early:]),
         "tokens_per_s_early": pick(early)["tokens_per_s"], "tokens_per_s_late": pick(late)["tokens_per_s"],
         "ttft_late_over_early": pick(late)["ttft_s"] / pick(early)["ttft_s"],
         "ttft_max_s": max(r["ttft_s"] for r in rows),
@@ -285,12 +302,14 @@ def format_tables(server: dict | None, turns: dict[str, dict], first: dict | Non
             lines += ["Highest RSS sampled (every 0.2 s) by step: "
                       + ", ".join(f"{step} {mb:.0f} MB" for step, mb in top), ""]
     lines += ["| text turns | TTFT turn 2 | TTFT last turn | last / 2 | median TTFT 1-3 | median TTFT last 3 "
-              "| worst TTFT | prompt tokens (last) | tok/s turn 2 | tok/s last | longest read-ahead |",
-              "|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| worst TTFT | prompt tokens (last) | read turn 2 / last / median / max after 2 | tok/s turn 2 "
+              "| tok/s last | longest read-ahead |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, s in turns.items():
         lines.append(f"| {name} (turn {s['late_turn']}) | {s['ttft_early_s']:.2f} s | {s['ttft_late_s']:.2f} s "
                      f"| {s['ttft_late_over_early']:.2f}× | {s['ttft_early_median3_s']:.2f} s "
                      f"| {s['ttft_late_median3_s']:.2f} s | {s['ttft_max_s']:.2f} s | {s['prompt_tokens_late']} "
+                     f"| {s['read_early']} / {s['read_late']} / {s['read_median']:.0f} / {s['read_max']} "
                      f"| {s['tokens_per_s_early']:.1f} | {s['tokens_per_s_late']:.1f} | {s['read_ahead_max_s']:.1f} s |")
     return "\n".join(lines)
 
