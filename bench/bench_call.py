@@ -138,6 +138,7 @@ def main(argv: list[str] | None = None) -> None:
         config = parse_args(["--data-dir", data, "--temperature", "0", "--max-new-tokens", "64"])
         app.configure_environment(config)
         service = app.build_service(config)
+        app.load_models(service)  # the app loads them once its page is served
         peer = VoicePeer(service, service.listener, service.encoder.recognizer)
         timeline = Timeline(peer, service)
         one_call(peer, service, timeline, QUESTIONS[:1], -1)  # first-call costs are not per turn

@@ -330,6 +330,7 @@ def run(model: str, quantize: str, setting_names: list[str], label: str, parts=P
         config = Config(text_model=model, quantize=quantize, data_dir=Path(tmp))
         app.configure_environment(config)
         service = app.build_service(config)
+        app.load_models(service)  # the app loads them once its page is served
         for name in setting_names:
             settings = replace(service.settings, **SETTINGS[name])
             runner = Runner(service, settings)

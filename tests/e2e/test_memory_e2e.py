@@ -15,7 +15,9 @@ FILLER = ["Give me one idea for a rainy Saturday.", "What is a good stretch afte
 @pytest.fixture(scope="module")
 def service(tmp_path_factory):
     config = Config(data_dir=tmp_path_factory.mktemp("data"), speech_model="none")
-    return app.build_service(config)
+    service = app.build_service(config)
+    app.load_models(service)  # the app loads them once its page is served
+    return service
 
 
 # Not strict: the 0.5B default answers it or not with single words of the system prompt (bench.quality's recall
