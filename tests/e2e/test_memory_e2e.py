@@ -20,15 +20,9 @@ def service(tmp_path_factory):
     return service
 
 
-# Not strict: the 0.5B default answers it or not with single words of the system prompt (bench.quality's recall
-# rows move by 14 points the same way). With the prompt that passes, it says "the image models could not tell" of
-# readable signs; that prompt was dropped. One run answered the age with a tip about cast iron pans, a run with the
-# KV prefix cache off answered both; that was not the cache: a reused cache holds exactly the keys of a fresh reading
-# (layer 0 bit for bit) and gives the logits of reading the prompt anew within bfloat16 rounding (0.125, the same as
-# fresh reading in chunks vs in one pass), and any of the twenty greedy replies before can take another word at a
-# near tie, so the two runs did not ask the same final prompt. Another run with the cache on answered both.
-# Issue #13 stays open for it.
-@pytest.mark.xfail(strict=False, reason="the 0.5B model's recall after 20 turns flips with rounding and wording (#13)")
+# The issue's case: a fact said in turn 1, asked for after twenty turns, once it has left the window. It was marked
+# xfail while the answer flipped with single words of the system prompt; since the tracked-state block appears only
+# beside a message it relates to, it passed on five runs in a row (three of them fresh-clone CI runs).
 def test_matilda_is_remembered_after_twenty_turns(service):
     conv = service.new_conversation()
     list(service.respond("key:ana", conv, "My daughter's name is Matilda and she is seven."))
