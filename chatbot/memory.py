@@ -89,9 +89,12 @@ class TrackedState:
         score = relevance or WordOverlap()
         sections: list[tuple[str, list[str]]] = []
         # All the facts when any relates (they tell things apart: shown "Your dog is called Biscuit" alone, the
-        # model answered "Your dog is called Matilda"); none when none does.
-        if any(_related(query, [f.text for f in self.facts], score)):
-            sections.append(("What the user told you earlier (in your words to them):", [f.text for f in self.facts]))
+        # model answered "Your dog is called Matilda"); none when none does. The most related first: the 0.5B
+        # model answers from the top of a list.
+        scores = score(query, [f.text for f in self.facts]) if self.facts else []
+        if any(v >= score.fact_threshold for v in scores):
+            ranked = sorted(zip(scores, self.facts, strict=True), key=lambda p: -p[0])
+            sections.append(("What the user told you earlier (in your words to them):", [f.text for _, f in ranked]))
         # An attachment whose message is still in the prompt has its notes there. Repeated right before the
         # question, the 0.5B model echoed the question back ("Which road was on the sign I showed you?" got "The
         # road was on the sign I showed you."; with the notes only in the history: "The road was the HARBOR ROAD").
