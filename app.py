@@ -9,6 +9,7 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import Future
 
 from chatbot import footprint, media, weights
 from chatbot.config import NO_MODEL, Config, parse_args
@@ -89,10 +90,10 @@ def load_text_model(config: Config):
     return load_generator(config)
 
 
-def read_system_prompt(service) -> None:
+def read_system_prompt(service) -> Future:
     """Every conversation starts with the system prompt: read it now (in the background), not in each first turn."""
     generator = service.generator
-    generator.prefill(service.new_conversation().render(generator.count_tokens, generator.context_tokens)[:1])
+    return generator.prefill(service.new_conversation().render(generator.count_tokens, generator.context_tokens)[:1])
 
 
 def load_models(service) -> bool:
@@ -110,8 +111,15 @@ def load_models(service) -> bool:
         log.exception("Loading the sentence embedder failed")
     if service.generator.load() is None:
         return False
-    read_system_prompt(service)
+    try:
+        read_system_prompt(service).result()
+    except Exception:  # noqa: BLE001 - logged where it failed; replies read the prompt themselves
+        pass
+    log.info(READY)
     return True
+
+
+READY = "Ready: the text model is loaded and the system prompt read"  # the log line that says so (tests wait for it)
 
 
 def main(argv: list[str] | None = None) -> int:

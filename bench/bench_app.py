@@ -131,7 +131,7 @@ def first_start() -> dict:
         os.environ.update(fresh)  # the server process inherits them
         start = time.perf_counter()
         try:
-            server = AppServer(tmp / "data", settings=()).start()
+            server = AppServer(tmp / "data", settings=()).start(wait_for_model=False)
         finally:
             for name, value in saved.items():
                 os.environ.pop(name) if value is None else os.environ.__setitem__(name, value)
@@ -156,7 +156,7 @@ def server_timings(chat_turns: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         start = time.perf_counter()
-        server = AppServer(tmp / "data", settings=()).start()  # the app's default settings
+        server = AppServer(tmp / "data", settings=()).start(wait_for_model=False)  # the app's default settings
         served = time.perf_counter() - start
         try:
             pid = server.process.pid

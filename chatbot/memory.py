@@ -98,8 +98,11 @@ class TrackedState:
         # An attachment whose message is still in the prompt has its notes there. Repeated right before the
         # question, the 0.5B model echoed the question back ("Which road was on the sign I showed you?" got "The
         # road was on the sign I showed you."; with the notes only in the history: "The road was the HARBOR ROAD").
+        # Named by its label ("Document 1", "the second photo"), it is repeated all the same: which of several is
+        # meant is what the small model cannot work out from the history ("What was the code word in Document 1?"
+        # got "Internal memo.", the title).
         shown = {said.turn for said in window}
-        items = [item for item in self.items if item.turn not in shown]
+        items = [item for item in self.items if item.turn not in shown or mentions(query, item) == BY_LABEL]
         if items:
             # The ones the message names, in full; when it names none, those its notes relate to, shortened.
             # Listing the others beside a named photo made the 0.5B model answer from the wrong one (bench.quality).
@@ -224,16 +227,22 @@ def _second_person(sentence: str) -> str:
 
 
 # -- attachments ------------------------------------------------------------------------------------
+BY_LABEL = 3  # `mentions` of an item named by its label or another name for it
+
+
 def mentions(query: str, item: Item) -> int:
-    """How plainly `query` names this item: 2 by its label, another name for it or a word its notes
-    hold ("Photo 2", "the second photo", "the sign to Lisbon"), 1 only by its kind ("my photo"), else 0."""
+    """How plainly `query` names this item: 3 (`BY_LABEL`) by its label or another name for it ("Photo 2",
+    "the second photo"), 2 by a word its notes hold ("the sign to Lisbon"), 1 only by its kind ("my photo"),
+    else 0."""
     q = query.lower()
 
     def said(names) -> bool:
         return any(re.search(rf"\b{re.escape(name.lower())}", q) for name in names)
 
+    if said((item.label, *item.names)):
+        return BY_LABEL
     note_words = {w for w in re.findall(r"[a-z]{4,}", item.note.lower())} - _COMMON
-    if said((item.label, *item.names)) or note_words & set(re.findall(r"[a-z]{4,}", q)):
+    if note_words & set(re.findall(r"[a-z]{4,}", q)):
         return 2
     return int(said(item.kind_names))
 

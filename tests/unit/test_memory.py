@@ -108,6 +108,10 @@ def test_an_attachment_whose_message_is_still_in_the_prompt_is_not_repeated_in_t
     messages = conv.render(words, 4000)
     assert "HARBOR ROAD" in messages[1].content  # the photo's own message, in the history
     assert messages[-1].content == "Which road was on the sign I showed you?"
+    # Named by its label it is repeated: which of several is meant, the small model could not tell from the history
+    # ("What was the code word in Document 1?" got "Internal memo.").
+    conv.turns[-1].text = "What did Photo 1 say?"
+    assert "HARBOR ROAD" in conv.render(words, 4000)[-1].content
 
 
 @pytest.mark.parametrize("relevance", [WordOverlap(), "minilm"])
