@@ -51,6 +51,8 @@ STATIC = Path(__file__).resolve().parent / "static"
 OWNER_STORAGE_KEY = "multimodal-chatbot-owner"
 LAST_CONVERSATION_KEY = "multimodal-chatbot-last-conversation"  # reopened after a reload
 FINISHED = "Reply finished."
+# Shown under a reply that reached the token limit (the service marks it cut; Continue writes on).
+CUT_MARK = "\n\n*(cut short at the length limit: press Continue for more)*"
 # While a reply runs the box offers Stop in place of Send (the two also look different: static/page.css).
 _BUSY_BOX = dict(interactive=False, submit_btn=False, stop_btn=True)
 _IDLE_BOX = dict(interactive=True, submit_btn=True, stop_btn=False)
@@ -90,7 +92,7 @@ def _turn_content(turn: Turn) -> list:
     # A refused message lists its files one per line, each marked 📎 (stored words; drawn as an icon here).
     text = re.sub(r"^📎 ", FILE_ICON + " ", turn.text, flags=re.M) if turn.notice else turn.text
     text += "\n\n*(stopped)*" if turn.interrupted else ""
-    text += "\n\n*(cut short at the length limit: press Continue for more)*" if turn.cut else ""
+    text += CUT_MARK if turn.cut else ""
     if text.strip():
         parts.append(text)
     return parts
