@@ -102,12 +102,14 @@ class TrackedState:
         # meant is what the small model cannot work out from the history ("What was the code word in Document 1?"
         # got "Internal memo.", the title).
         shown = {said.turn for said in window}
-        items = [item for item in self.items if item.turn not in shown or mentions(query, item) == BY_LABEL]
+        kept = [(item, n) for item in self.items
+                if (n := mentions(query, item)) == BY_LABEL or item.turn not in shown]
+        items = [item for item, _ in kept]
         if items:
             # The ones the message names, in full; when it names none, those its notes relate to, shortened.
             # Listing the others beside a named photo made the 0.5B model answer from the wrong one (bench.quality).
-            named = [mentions(query, item) for item in items]
-            wanted = [item for item, n in zip(items, named, strict=True) if n and n == max(named)]
+            named = [n for _, n in kept]
+            wanted = [item for item, n in kept if n and n == max(named)]
             related = [item for item, ok in zip(items, _related(query, [i.note for i in items], score),
                                                 strict=True) if ok]
             if wanted or related:
