@@ -569,7 +569,7 @@ class ChatPage:
         # Replies share one queue slot group: the model is one. The page says in words what a reply
         # waits for (the status line), so Gradio's own queue overlay is hidden.
         reply = dict(concurrency_id="reply", concurrency_limit=self.concurrency_limit, show_progress="hidden")
-        quick = dict(concurrency_limit=None)
+        quick = dict(concurrency_limit=None, show_progress="hidden")
         # What changes the conversation a tab shows, or names it, runs in one lane in the order it was
         # asked. Unqueued calls run side by side: a name given right after "New chat" could read the
         # tab's session before "New chat" had stored it, and rename the previous conversation.
@@ -582,12 +582,12 @@ class ChatPage:
             event.then(**changed)
 
         after(demo.load(self.on_load, [c.owner_key, c.last_conversation], [session, c.owner_key, chatbot],
-                        api_visibility="private", queue=False))
+                        api_visibility="private", queue=False, show_progress="hidden"))
         replied(box.submit(self.accept, [box, session], [chatbot, box, pending, c.status, c.continue_btn],
                          api_visibility="private", **ordered)
               .success(self.respond_accepted, [pending], turn_out, api_visibility="private", **reply))
         replied(api_chat.click(self.respond, [api_message, session], turn_out, api_name="chat", **reply))
-        box.stop(self.stop, [session], None, api_name="stop", queue=False)
+        box.stop(self.stop, [session], None, api_name="stop", queue=False, show_progress="hidden")
         replied(chatbot.retry(**busy).then(self.regenerate, [session], turn_out, api_name="retry", **reply))
         replied(c.continue_btn.click(**busy).then(self.continue_reply, [session], turn_out, api_name="continue",
                                                 **reply))
@@ -602,9 +602,10 @@ class ChatPage:
                                 api_visibility="private", **ordered))
         after(api_open.click(self.open_conversation, [api_text, session], [chatbot, session], api_name="open",
                              **ordered))
-        api_key.click(self.use_key, [api_text], [session, api_json], api_name="use_key", queue=False)
-        api_list.click(self.list_conversations, [session], [api_json], api_name="conversations", queue=False)
-        api_search.click(self.search_conversations, [api_text, session], [api_json], api_name="search", queue=False)
+        api_only = dict(queue=False, show_progress="hidden")
+        api_key.click(self.use_key, [api_text], [session, api_json], api_name="use_key", **api_only)
+        api_list.click(self.list_conversations, [session], [api_json], api_name="conversations", **api_only)
+        api_search.click(self.search_conversations, [api_text, session], [api_json], api_name="search", **api_only)
         c.search_box.change(self.search_list, [c.search_box, session], [c.conv_list], api_visibility="private",
                            queue=False, show_progress="hidden", trigger_mode="always_last")
         after(c.rename_btn.click(self.rename, [c.title_box, session], [session], api_name="rename", **ordered))
@@ -617,7 +618,8 @@ class ChatPage:
         c.confirm_yes.click(None, None, [c.title_box], js=_EMPTY_TITLE, api_visibility="private", queue=False)
         after(c.confirm_yes.click(self.delete, [session], turn_out, api_name="delete", **ordered))
         c.export_btn.click(self.export, [session], [c.export_file], api_name="export", **quick).success(
-            lambda: gr.File(visible=True), None, [c.export_file], api_visibility="private", queue=False)
+            lambda: gr.File(visible=True), None, [c.export_file], api_visibility="private", queue=False,
+            show_progress="hidden")
         after(c.import_btn.upload(self.import_conversation, [c.import_btn, session], [chatbot, session],
                                   api_name="import", **ordered))
 

@@ -227,7 +227,7 @@ def add_voice_controls(service: ChatService, options: VoiceOptions, session: gr.
     peer_key = gr.State("", delete_callback=forget)
     timer = gr.Timer(POLL_SECONDS, active=options.speak_by_default)
     mic_timer = gr.Timer(MIC_SECONDS, active=False)
-    quick = dict(queue=False, api_visibility="private")
+    quick = dict(queue=False, api_visibility="private", show_progress="hidden")  # the status line says it in words
 
     speaker_box.change(set_speaker, [speaker_box, session], [timer], **quick)
     call_btn.click(None, [call_on], [language], js=_START_CALL_JS, **quick).then(
@@ -235,7 +235,6 @@ def add_voice_controls(service: ChatService, options: VoiceOptions, session: gr.
         remember, None, [peer_key], **quick)
     talk.stop_recording(push_to_talk, [talk, language], [box, status, talk], api_visibility="private",
                         js="(path, lang) => [path, navigator.language || '']")
-    mic_timer.tick(hear, [heard_box], [heard_box], js=_TAKE_MIC_JS, show_progress="hidden", **quick)
-    timer.tick(poll, [speaker_box, call_on, session], [clips_box, status, chatbot, session], show_progress="hidden",
-               **quick)
+    mic_timer.tick(hear, [heard_box], [heard_box], js=_TAKE_MIC_JS, **quick)
+    timer.tick(poll, [speaker_box, call_on, session], [clips_box, status, chatbot, session], **quick)
     clips_box.change(None, [clips_box], None, js=_PLAYER_JS)
