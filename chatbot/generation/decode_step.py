@@ -1,4 +1,5 @@
-"""A lean forward pass for the one-token steps of decoding, for Llama-family models.
+"""A lean forward pass for the one-token steps of decoding, for Llama-family models, and attention
+for reading prompts that does not copy the KV cache per query head.
 
 While a reply is generated, every step runs the model on a single new token. The
 model's own forward then spends about a quarter of its time on Python and small
@@ -8,6 +9,11 @@ the same arithmetic with fewer ops, through the model's own modules and weights
 (quantized or not), and is plugged in under the model's forward: `generate`
 (streamers, logits processors, stopping criteria) is unchanged, and every other
 call (reading a prompt, batches, padding) goes to the original forward.
+
+Reading a prompt (a turn's new tail, after the cached history) stays with the model's
+forward, with one attention function swapped in through transformers' registry: the
+query heads that share a key/value head attend as that head's rows, as in the one-token
+step, where transformers' own attention copies the whole cache once per query head.
 """
 
 from __future__ import annotations
@@ -17,8 +23,10 @@ import functools
 import torch
 from torch import nn
 from torch.nn import functional as F
-from transformers import DynamicCache
+from transformers import AttentionInterface, DynamicCache
 from transformers.cache_utils import DynamicLayer
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from chatbot.generation.quantize import Int4Linear, Int8Linear, SiblingSlice
@@ -35,6 +43,8 @@ def attach(model: nn.Module) -> bool:
         return False
     step = LeanStep(model)
     original = model.forward
+    if model.config._attn_implementation == "sdpa":
+        model.set_attn_implementation(GROUPED)
 
     @functools.wraps(original)  # generate() inspects the signature
     def forward(input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, **kwargs):
@@ -130,6 +140,36 @@ class LeanStep:
         flat = x.view(-1)
         scale = (float(torch.dot(flat, flat)) / flat.numel() + norm.variance_epsilon) ** -0.5
         return (x * scale).mul_(norm.weight).to(self.dtype)
+
+
+def grouped_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                      attention_mask: torch.Tensor | None, dropout: float = 0.0, scaling: float | None = None,
+                      **kwargs) -> tuple[torch.Tensor, None]:
+    """transformers' SDPA attention, with each key/value head's query heads as its rows (batch 1).
+
+    transformers repeats the keys and values for every query head when several tokens are read
+    (`repeat_kv`): 32 new tokens after 1,240 cached copied 9 MB a layer, and the attention took 30 ms more
+    than after 250 cached, against 25 ms this way (the same logits, to the bit).
+    """
+    batch, heads, length, dim = query.shape
+    kv_heads, known = key.shape[1], key.shape[2]
+    group = heads // kv_heads
+    # Without a mask, the tokens read are all there is (a first read): SDPA's own causal path, nothing to copy.
+    if batch != 1 or group == 1 or attention_mask is None or dropout or \
+            kwargs.get("position_bias") is not None or kwargs.get("cache") is not None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    # The rows of a key/value head are its query heads one after another, each over the new tokens: the mask
+    # (the same for every head) is repeated for each query head of the group.
+    mask = attention_mask[..., :known].reshape(1, 1, length, known).expand(1, group, length, known)
+    out = F.scaled_dot_product_attention(query.reshape(1, kv_heads, group * length, dim), key, value,
+                                         attn_mask=mask.reshape(1, 1, group * length, known), scale=scaling)
+    return out.view(1, heads, length, dim).transpose(1, 2).contiguous(), None
+
+
+GROUPED = "grouped_sdpa"
+AttentionInterface.register(GROUPED, grouped_attention)
+AttentionMaskInterface.register(GROUPED, sdpa_mask)  # the masks SDPA takes (unregistered, it would get none)
 
 
 # The KV cache grows by this many positions at a time, in place: a DynamicCache concatenates at every step,

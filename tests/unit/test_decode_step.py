@@ -135,6 +135,32 @@ def test_prompts_and_padded_batches_go_to_the_models_own_forward():
     assert CountingStep.calls == 0
 
 
+@pytest.mark.parametrize("kind", ["qwen2", "llama"])
+def test_reading_a_prompt_gives_the_models_logits_without_copying_the_cache_per_query_head(kind, monkeypatch):
+    from transformers.integrations import sdpa_attention
+
+    ours, theirs = tiny(kind), tiny(kind)  # the same weights; only `ours` is attached
+    decode_step.attach(ours)
+    copies = []
+    repeat_kv = sdpa_attention.repeat_kv
+    monkeypatch.setattr(sdpa_attention, "repeat_kv", lambda *a: copies.append(a[0].shape) or repeat_kv(*a))
+    with torch.inference_mode():
+        cache_ours, cache_theirs = DynamicCache(config=ours.config), DynamicCache(config=theirs.config)
+        for chunk in (PROMPT[:, :5], PROMPT[:, 5:], PROMPT[:, 2:8]):  # a first read (no mask), then reads after a cache
+            copies.clear()
+            got = ours(input_ids=chunk, past_key_values=cache_ours).logits
+            assert not copies
+            torch.testing.assert_close(got, theirs(input_ids=chunk, past_key_values=cache_theirs).logits,
+                                       rtol=1e-5, atol=1e-5)
+        # A padded batch of two is left to transformers' own attention.
+        batch = torch.cat([PROMPT, PROMPT.flip(1)])
+        mask = torch.ones_like(batch)
+        mask[1, :3] = 0
+        torch.testing.assert_close(ours(input_ids=batch, attention_mask=mask).logits,
+                                   theirs(input_ids=batch, attention_mask=mask).logits, rtol=1e-5, atol=1e-5)
+    assert CountingStep.calls == 0
+
+
 def test_architectures_it_does_not_know_keep_their_forward():
     model = tiny("qwen3")  # per-head q/k norms: not the layout the lean step computes
     forward = model.forward
