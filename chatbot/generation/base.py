@@ -35,6 +35,11 @@ class GenerationSettings:
     temperature: float = 0.0  # 0 means greedy decoding
     top_p: float = 0.9
     repetition_penalty: float = 1.1
+    # The DRY penalty over the reply's own tokens (0 turns it off): a token that would extend a copy of an
+    # earlier run of n >= dry_allowed_length reply tokens loses dry_multiplier * dry_base ** (n - allowed).
+    dry_multiplier: float = 0.8
+    dry_base: float = 1.75
+    dry_allowed_length: int = 2
     # Strings that end a reply where they appear (not included); the service cuts at them for every
     # backend, a remote backend also hands them to its server.
     stop: tuple[str, ...] = ()
