@@ -23,10 +23,8 @@ import functools
 import torch
 from torch import nn
 from torch.nn import functional as F
-from transformers import AttentionInterface, DynamicCache
+from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from chatbot.generation.quantize import Int4Linear, Int8Linear, SiblingSlice
@@ -44,6 +42,7 @@ def attach(model: nn.Module) -> bool:
     step = LeanStep(model)
     original = model.forward
     if model.config._attn_implementation == "sdpa":
+        _register_grouped_attention()
         model.set_attn_implementation(GROUPED)
 
     @functools.wraps(original)  # generate() inspects the signature
@@ -151,6 +150,8 @@ def grouped_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     (`repeat_kv`): 32 new tokens after 1,240 cached copied 9 MB a layer, and the attention took 30 ms more
     than after 250 cached, against 25 ms this way (the same logits, to the bit).
     """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
     batch, heads, length, dim = query.shape
     kv_heads, known = key.shape[1], key.shape[2]
     group = heads // kv_heads
@@ -168,8 +169,17 @@ def grouped_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
 
 
 GROUPED = "grouped_sdpa"
-AttentionInterface.register(GROUPED, grouped_attention)
-AttentionMaskInterface.register(GROUPED, sdpa_mask)  # the masks SDPA takes (unregistered, it would get none)
+
+
+@functools.cache
+def _register_grouped_attention() -> None:
+    # Imported once a model is loaded, not with this module: transformers' masking imports torch's compiler
+    # stack and with it triton (50 MB), unless the backend has marked triton absent first.
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(GROUPED, grouped_attention)
+    AttentionMaskInterface.register(GROUPED, sdpa_mask)  # the masks SDPA takes (unregistered, it would get none)
 
 
 # The KV cache grows by this many positions at a time, in place: a DynamicCache concatenates at every step,

@@ -1,5 +1,7 @@
 """chatbot.footprint: memory the app no longer needs goes back to the system, not kept in the process."""
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -36,3 +38,12 @@ def test_the_cuda_libraries_pages_are_dropped_and_torch_still_works():
     assert cuda_resident_kb() < 8 * 1024  # a few pages may come back (another thread, torch.cuda queries)
     assert torch.equal(torch.ones(64, 64) @ torch.ones(64, 64), torch.full((64, 64), 64.0))
     assert torch.cuda.is_available() in (True, False)
+
+
+def test_the_reply_backend_keeps_triton_out():
+    """Triton (GPU kernels, 50 MB) is marked absent before anything imports torch's compiler stack."""
+    code = ("import sys, chatbot.generation.transformers_backend, chatbot.generation.decode_step; "
+            "print(sys.modules.get('triton', 'never imported'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert out.stdout.split()[-1] == "None", out.stdout
