@@ -333,7 +333,7 @@ def read_in_chunks(model, ids: torch.Tensor, cache, keep_going: Callable[[], boo
     """Extend `cache` over the token ids `ids` (1-D) `PREFILL_CHUNK` at a time, while `keep_going()`.
 
     Besides a stop honoured between chunks, a chunk's activations are all a read holds at once: 1,400 tokens
-    read in one pass made a peak 430 MB higher (bench_generation's long prompt).
+    read in one pass made a peak 370 MB higher (bench_generation's long prompt).
     """
     done = cache.get_seq_length()
     while done < len(ids) and keep_going():
