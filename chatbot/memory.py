@@ -108,10 +108,10 @@ class TrackedState:
         if items:
             # The ones the message names, in full; when it names none, those its notes relate to, shortened.
             # Listing the others beside a named photo made the 0.5B model answer from the wrong one (bench.quality).
-            named = [n for _, n in kept]
-            wanted = [item for item, n in kept if n and n == max(named)]
-            related = [item for item, ok in zip(items, _related(query, [i.note for i in items], score),
-                                                strict=True) if ok]
+            most = max(n for _, n in kept)
+            wanted = [item for item, n in kept if n and n == most]
+            related = [] if wanted else [item for item, ok in zip(items, _related(query, [i.note for i in items], score),
+                                                                  strict=True) if ok]
             if wanted or related:
                 sections.append(("Photos, recordings and documents the user sent (from their notes):",
                                  [_item_line(item, full=bool(wanted)) for item in wanted or related]))
