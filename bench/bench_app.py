@@ -46,9 +46,10 @@ _TOPICS = ["my cat Miso", "hiking in the Alps", "a Python script that renames ph
            "learning Portuguese", "my trip to Lisbon", "a birthday gift for my sister", "running a 10k race"]
 
 
-def user_message(i: int) -> str:
-    topic = _TOPICS[i % len(_TOPICS)]
-    return f"Turn {i + 1}: tell me one short tip about {topic}, in two sentences."
+def user_message(i: int, topic_of: int | None = None) -> str:
+    """Turn i+1's message; on the topic of turn `topic_of`+1 if given. Numbers have two digits (one token each)."""
+    topic = _TOPICS[(i if topic_of is None else topic_of) % len(_TOPICS)]
+    return f"Turn {i + 1:02d}: tell me one short tip about {topic}, in two sentences."
 
 
 # -- text turns: time to first token early vs late in a conversation -------------------------------
@@ -81,13 +82,16 @@ def turn_timings(turns: int, reuse_cache: bool, max_new_tokens: int = 32) -> lis
 
         generator.model.register_forward_pre_hook(count_read, with_kwargs=True)
         for i in range(turns):
+            # The last turn asks turn 2's question (its own number, as many digits): the two read the same
+            # tokens, so their TTFTs differ by the history before them alone (turn 40 read 31 against 27).
+            message = user_message(i, topic_of=1 if i == turns - 1 > 1 else None)
             asked = Conversation.from_dict(conv.to_dict())
-            asked.add_user_turn(Turn(role=Role.USER, text=user_message(i)))
+            asked.add_user_turn(Turn(role=Role.USER, text=message))
             start = time.perf_counter()
             first = None
             reply = ""
             read.update(tokens=0, counting=True)
-            for reply in service.respond("key:bench", conv, user_message(i)):
+            for reply in service.respond("key:bench", conv, message):
                 if reply and first is None:
                     first = time.perf_counter()
                     read["counting"] = False

@@ -65,6 +65,30 @@ def wait_idle() -> None:
     _MODEL_THREAD.submit(lambda: None).result()
 
 
+class _TokenStreamer(TextIteratorStreamer):
+    """transformers' streamer, handing on each token's text as soon as it is decoded.
+
+    Its parent holds text back until a space follows, to print whole words in a terminal: every reply's
+    first words then waited one more decoding step (≈25 ms). A token can end inside a character (byte-level
+    vocabularies split UTF-8); such text, decoded with a trailing U+FFFD, waits for the token that ends it.
+    """
+
+    def put(self, value: torch.Tensor) -> None:
+        if self.skip_prompt and self.next_tokens_are_prompt:
+            self.next_tokens_are_prompt = False
+            return
+        self.token_cache.extend(value.reshape(-1).tolist())
+        text = self.tokenizer.decode(self.token_cache, **self.decode_kwargs)
+        if text.endswith("\ufffd"):
+            return
+        piece = text[self.print_len:]
+        if text.endswith("\n"):  # start decoding afresh: each token decodes only its line so far
+            self.token_cache, self.print_len = [], 0
+        else:
+            self.print_len = len(text)
+        self.on_finalized_text(piece)
+
+
 class _StopOnEvent(StoppingCriteria):
     """Ends generation at the next token once any of this request's events is set."""
 
@@ -222,7 +246,7 @@ class TransformersGenerator(ABC):
         stop = stop or threading.Event()
         abandoned = threading.Event()  # our own signal, so the caller's `stop` keeps meaning "user asked"
         inputs = self.encode_prompt(messages)
-        streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        streamer = _TokenStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         failure: list[BaseException] = []
         generated: list[int] = []  # new tokens, for the finish reason
 

@@ -29,5 +29,5 @@ def test_first_start_from_empty_caches_serves_and_answers(tmp_path):
         # Whisper and the photo classifier load at their first use, but their files are made at start.
         assert (cache / "chatbot" / "whisper-base-ct2" / "model.bin").stat().st_size > 50e6
         assert (cache / "chatbot" / "efficientnet-lite0-0.1.0" / "model.onnx").stat().st_size > 10e6
-        assert (cache / "chatbot" / "all-minilm-l6-v2-0.1.0" / "model.onnx").stat().st_size > 80e6  # the relevance scorer
+        assert (cache / "chatbot" / "all-minilm-l6-v2-0.1.0" / "encoder.onnx.data").stat().st_size > 80e6  # relevance
     print(f"first start from empty caches: page {page:.0f} s, first reply {first_reply:.0f} s")

@@ -4,6 +4,7 @@ import shutil
 import threading
 
 import pytest
+import torch
 
 from chatbot.errors import UserFacingError
 from chatbot.generation.transformers_backend import (
@@ -138,3 +139,24 @@ def test_prompt_budget_leaves_room_for_the_reply(causal):
 def test_unloadable_model_gives_a_clear_error(spec):
     with pytest.raises(UserFacingError, match="Could not load the text model"):
         load_generator(spec)
+
+
+def test_the_streamer_hands_on_each_token_at_once_but_never_half_a_character(causal):
+    from chatbot.generation.transformers_backend import _TokenStreamer
+
+    tokenizer = causal.tokenizer
+    text = "the cat sat\nwhere? ünïcode 👋 ok"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    streamer = _TokenStreamer(tokenizer, skip_special_tokens=True)  # no prompt to skip here
+    pieces = []
+    for i, token in enumerate(ids):
+        streamer.put(torch.tensor([[token]]))
+        so_far = tokenizer.decode(ids[: i + 1])
+        if not so_far.endswith("\ufffd"):
+            # Everything decoded so far is out, not held back until a space (transformers' own streamer).
+            while not streamer.text_queue.empty():
+                pieces.append(streamer.text_queue.get())
+            assert "".join(pieces) == so_far
+    streamer.end()
+    assert len(pieces) > len(text.split())  # word pieces, not whole words
+    assert not any("\ufffd" in piece for piece in pieces)
