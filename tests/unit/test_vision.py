@@ -133,6 +133,23 @@ def test_reads_text_on_a_large_photo(reader: TextReader):
     assert "welcome home" in reader.analyze(_loaded(photo, "JPEG"))[0].text.lower()
 
 
+def test_the_text_detector_sees_a_big_photo_at_a_bounded_size(reader: TextReader, monkeypatch):
+    # Its memory grows with the pixels it is given: a 1600×1200 photo went in whole (+360 MB at its peak).
+    from chatbot.perception.vision import ocr
+
+    sizes = []
+    infer = reader._engine.text_det.infer
+    monkeypatch.setattr(reader._engine.text_det, "infer", lambda batch: sizes.append(batch.shape[2:]) or infer(batch))
+    page = _text_page()  # 1400×1100, dense 26 px text: still read after the shrink
+    lines = reader.read_lines(_loaded(page))
+    small = _photo_like(600, 400)
+    reader.read_lines(_loaded(small))
+
+    assert sizes[0][0] * sizes[0][1] <= ocr._DETECTOR_PIXELS * 1.05
+    assert tuple(sizes[1]) == (736, 1088)  # a small photo: RapidOCR's own sizing (short side 736)
+    assert sum("committee agreed" in line.lower() for line in lines) >= 6
+
+
 def test_no_text_found_on_a_plain_photo(reader: TextReader):
     assert reader.analyze(_loaded(_photo_like(800, 600))) == []
 

@@ -54,6 +54,7 @@ class TextReader(ImageAnalyzer):
         # arena that is shrunk after each run (the same model files and graph optimisations: the same text).
         for holder in (self._engine.text_det.infer, self._engine.text_cls.infer, self._engine.text_rec.session):
             holder.session = session(holder.session._model_path, threads, give_back_memory=True)
+        self._engine.text_det.get_preprocess = _bounded_detector_input(self._engine.text_det)
         self._max_side = max_side
         self._min_score = min_score  # below this RapidOCR mostly "reads" texture as random letters
         self._max_chars = max_chars  # a full page would crowd out the conversation
@@ -87,8 +88,33 @@ class TextReader(ImageAnalyzer):
         return [Observation(kind=ObservationKind.OCR, text=f'the text in it says "{text}"', source=self.name)]
 
 
-# RapidOCR upscales the short side of an image to 736 px before detection, so a 3000×2
-# strip would become ~1,000,000 px wide and exhaust memory; pad such strips first.
+# Text detection's working memory grows with its input's area. RapidOCR brings a photo's short side to at
+# least 736 px: a 600×400 photo became 1104×736 (+140 MB at its peak), but a 1600×1200 one kept all its
+# pixels (+360 MB). Inputs larger than the first are scaled down to its area (+160 MB); the recogniser still
+# reads the words from the photo at its own size.
+_DETECTOR_PIXELS = 1104 * 736
+
+
+def _bounded_detector_input(detector):
+    """A replacement for RapidOCR's `TextDetector.get_preprocess`: its own sizing, down to at most
+    `_DETECTOR_PIXELS` (sides multiples of 32)."""
+    from rapidocr_onnxruntime.ch_ppocr_det.utils import DetPreProcess
+
+    class Bounded(DetPreProcess):
+        def resize(self, img: np.ndarray) -> np.ndarray | None:
+            height, width = img.shape[:2]
+            if (height * width) * max(1.0, self.limit_side_len / min(height, width)) ** 2 <= _DETECTOR_PIXELS:
+                return super().resize(img)
+            import cv2
+
+            ratio = (_DETECTOR_PIXELS / (height * width)) ** 0.5
+            return cv2.resize(img, (max(32, round(width * ratio / 32) * 32), max(32, round(height * ratio / 32) * 32)))
+
+    return lambda _longest_side: Bounded(detector.limit_side_len, detector.limit_type, detector.mean, detector.std)
+
+
+# A 3000×2 strip would reach the detector a few pixels high (and, with RapidOCR's own sizing, ~1,000,000
+# px wide): pad such strips first.
 _MAX_OCR_ASPECT = 4
 
 
