@@ -243,7 +243,9 @@ def minilm_onnx() -> Path:
             dynamic_axes={"input_ids": sequence, "attention_mask": sequence, "token_type_ids": sequence,
                           "last_hidden_state": sequence})
 
-    return _exported(cache_root() / "all-minilm-l6-v2-0.1.0" / "encoder.onnx", build, weights_apart=True)
+    folder = cache_root() / "all-minilm-l6-v2-0.1.0"
+    (folder / "model.onnx").unlink(missing_ok=True)  # the single-file export of earlier versions
+    return _exported(folder / "encoder.onnx", build, weights_apart=True)
 
 
 def _exported(dest: Path, build: Callable[[], tuple], weights_apart: bool = False) -> Path:
