@@ -44,8 +44,6 @@ def attach(model: nn.Module) -> bool:
     if model.config._attn_implementation == "sdpa":
         _register_grouped_attention()
         model.set_attn_implementation(GROUPED)
-        # Quantized matmuls give bfloat16 values: a cache of that precision (`new_cache`) loses none of them.
-        model.compact_kv_cache = step.dtype == KV_DTYPE
 
     @functools.wraps(original)  # generate() inspects the signature
     def forward(input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, **kwargs):
@@ -126,8 +124,8 @@ class LeanStep:
             # One query attends to every cached position: no mask needed. The query heads sharing a key/value
             # head go in as that head's rows, so the cache is read as it is: `enable_gqa` copied it per query
             # head in bfloat16 (34.5 against 2.7 ms a step for 24 layers at 1,400 cached tokens).
-            query = qk[:, :self.heads].view(1, self.kv_heads, self.group, self.head_dim).to(k.dtype)
-            out = F.scaled_dot_product_attention(query, k, v, scale=attn.scaling)
+            out = F.scaled_dot_product_attention(qk[:, :self.heads].view(1, self.kv_heads, self.group, self.head_dim),
+                                                 k, v, scale=attn.scaling)
             # A quantized matmul's bfloat16 output is added to the float32 residual as it is (promoted, exact).
             x = x + attn.o_proj(out.view(1, 1, -1).to(self.dtype))
             gate, up = self.gate_up[index](self._norm(x, layer.post_attention_layernorm)).chunk(2, dim=-1)
@@ -164,12 +162,11 @@ def grouped_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
             kwargs.get("cache") is not None:
         if grouped:
             attention_mask = attention_mask[..., :length, :]  # the first query head's rows: the mask as it was
-        return sdpa_attention_forward(module, query, key.to(query.dtype), value.to(query.dtype), attention_mask,
-                                      dropout=dropout, scaling=scaling, **kwargs)
-    # A compact cache's keys and values are bfloat16: the queries meet them in it.
-    out = F.scaled_dot_product_attention(query.reshape(1, kv_heads, group * length, dim).to(key.dtype), key, value,
-                                         attn_mask=attention_mask[..., :known].to(key.dtype), scale=scaling)
-    return out.to(query.dtype).view(1, heads, length, dim).transpose(1, 2).contiguous(), None
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    out = F.scaled_dot_product_attention(query.reshape(1, kv_heads, group * length, dim), key, value,
+                                         attn_mask=attention_mask[..., :known].to(query.dtype), scale=scaling)
+    return out.view(1, heads, length, dim).transpose(1, 2).contiguous(), None
 
 
 def grouped_mask(*args, config=None, dtype: torch.dtype = torch.float32, **kwargs) -> torch.Tensor | None:
@@ -204,34 +201,6 @@ def _register_grouped_attention() -> None:
     AttentionMaskInterface.register(GROUPED, grouped_mask)  # unregistered, the attention would get no mask
 
 
-# The precision of a compact KV cache: that of the quantized matmuls' outputs.
-KV_DTYPE = torch.bfloat16
-
-
-class CompactLayer(DynamicLayer):
-    """A KV-cache layer kept in bfloat16: half the memory of float32 (in the app, the caches kept for reuse).
-
-    The values come from the quantized matmuls in bfloat16 and are kept exactly; the keys are rounded once,
-    after the rotary embedding (llama.cpp keeps its cache in float16 by default).
-    """
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        return super().update(key_states.to(KV_DTYPE), value_states.to(KV_DTYPE), *args, **kwargs)
-
-
-def kv_dtype(model: nn.Module) -> torch.dtype:
-    """What `new_cache` keeps keys and values in: bfloat16 if `attach` found the matmuls quantized."""
-    return KV_DTYPE if getattr(model, "compact_kv_cache", False) else torch.float32
-
-
-def new_cache(model: nn.Module) -> DynamicCache:
-    """An empty KV cache for `model`, of `CompactLayer`s when `kv_dtype` says so."""
-    cache = DynamicCache(config=model.config)
-    if kv_dtype(model) == KV_DTYPE and all(type(layer) is DynamicLayer for layer in cache.layers):
-        cache.layers = [CompactLayer() for _ in cache.layers]
-    return cache
-
-
 # The KV cache grows by this many positions at a time, in place: a DynamicCache concatenates at every step,
 # copying the whole cache (1.5 ms a step for 24 layers at 600 positions, more in a long chat).
 GROWTH = 256
@@ -244,7 +213,7 @@ def _append(cache: DynamicCache, index: int, key: torch.Tensor, value: torch.Ten
     everything else that handles a DynamicCache (crop, copy, the model's own forward) works on them as before.
     """
     layer = cache.layers[index] if index < len(cache.layers) else None
-    if type(layer) not in (DynamicLayer, CompactLayer) or not layer.is_initialized or not layer.keys.numel():
+    if type(layer) is not DynamicLayer or not layer.is_initialized or not layer.keys.numel():
         return cache.update(key, value.to(key.dtype), index)
     keys, values = layer.keys, layer.values
     if not (_has_room(keys) and _has_room(values)):

@@ -79,7 +79,7 @@ class PrefixCache:
         return len(self._entries)
 
 
-def budget_for(config, context_tokens: int, dtype: torch.dtype = torch.float32) -> int:
+def budget_for(config, context_tokens: int) -> int:
     """Bytes for two full windows of `context_tokens` and a system prompt, for a model of this config.
 
     Two, because a conversation's window and the moved window its read-ahead prepared (turns before it
@@ -90,7 +90,7 @@ def budget_for(config, context_tokens: int, dtype: torch.dtype = torch.float32) 
     heads = text.num_attention_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
-    per_token = text.num_hidden_layers * 2 * kv_heads * head_dim * dtype.itemsize  # keys and values
+    per_token = text.num_hidden_layers * 2 * kv_heads * head_dim * 4  # keys and values, float32 on the CPU
     return (2 * context_tokens + 256) * per_token
 
 

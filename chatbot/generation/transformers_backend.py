@@ -24,6 +24,7 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForSeq2SeqLM,
     AutoTokenizer,
+    DynamicCache,
     LogitsProcessor,
     LogitsProcessorList,
     PreTrainedTokenizerFast,
@@ -319,7 +320,7 @@ class TransformersGenerator(ABC):
         """A KV cache already holding the longest known prefix of `ids` (or an empty one to fill)."""
         if self.prefix_cache is None:
             return None
-        return self.prefix_cache.take(ids) or decode_step.new_cache(self.model)
+        return self.prefix_cache.take(ids) or DynamicCache(config=self.model.config)
 
 
 class CausalChatGenerator(TransformersGenerator):
@@ -327,8 +328,7 @@ class CausalChatGenerator(TransformersGenerator):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.prefix_cache = PrefixCache(max_bytes=budget_for(self.model.config, self.context_tokens,
-                                                             decode_step.kv_dtype(self.model)))
+        self.prefix_cache = PrefixCache(max_bytes=budget_for(self.model.config, self.context_tokens))
 
     def prefill(self, messages: list[Message]) -> Future:
         ids = self.tokenizer.apply_chat_template(_chat(messages), return_dict=True, return_tensors="pt")["input_ids"]

@@ -166,24 +166,3 @@ def test_architectures_it_does_not_know_keep_their_forward():
     forward = model.forward
     assert not decode_step.attach(model)
     assert model.forward == forward
-
-
-def test_a_quantized_models_cache_is_bfloat16_half_the_memory_with_its_values_kept_exactly():
-    model = tiny("qwen2", "int4")
-    assert decode_step.attach(model) and decode_step.kv_dtype(model) == torch.bfloat16
-    with torch.inference_mode():
-        compact, full = decode_step.new_cache(model), DynamicCache(config=model.config)
-        logits = [model(input_ids=PROMPT, past_key_values=cache).logits for cache in (compact, full)]
-        # The first layer's values are the matmul's bfloat16 outputs for the same input: kept as they were.
-        assert torch.equal(compact.layers[0].values.float(), full.layers[0].values)
-        token = PROMPT[:, -1:]
-        for _ in range(6):  # one-token steps append to both
-            logits += [model(input_ids=token, past_key_values=cache, use_cache=True).logits for cache in (compact, full)]
-    assert CountingStep.calls == 12
-    for ours, theirs in zip(logits[::2], logits[1::2]):
-        torch.testing.assert_close(ours, theirs, rtol=0.02, atol=0.02)  # keys rounded to bfloat16 once
-    for small, large in zip(compact.layers, full.layers):
-        assert small.keys.dtype == small.values.dtype == torch.bfloat16
-        assert small.keys.untyped_storage().nbytes() * 2 <= large.keys.untyped_storage().nbytes()
-    plain = tiny("qwen2")  # float32 matmuls: a cache of their precision
-    assert decode_step.attach(plain) and decode_step.kv_dtype(plain) == torch.float32
