@@ -59,8 +59,9 @@ def _locked(target: Path):
 
 def join_parts(parts: list[Path], dest: Path, sha256: str | None = None) -> Path:
     """Concatenate `parts` into `dest` once, verifying the checksum of the result."""
+    data = dest.with_name(dest.name + ".data") if weights_apart else None
     with _locked(dest):
-        if dest.exists():
+        if dest.exists() and (data is None or data.exists()):
             return dest
         total = sum(p.stat().st_size for p in parts)
         log.info("Joining %d parts (%.0f MB) into %s ...", len(parts), total / 1e6, dest)
@@ -221,7 +222,7 @@ def minilm_onnx() -> Path:
     model, and a query embedded while a prompt was read took 0.5-0.7 s instead of 33 ms on one thread.
     The weights lie in a file of their own, which onnxruntime maps instead of copying: only the rows of
     the 47 MB word-embedding table that texts use become resident (the session's memory after a query:
-    +67 against +102 MB, the same embeddings).
+    +67 against +102-128 MB, the same embeddings).
     """
     def build():
         import torch
@@ -253,8 +254,9 @@ def _exported(dest: Path, build: Callable[[], tuple], weights_apart: bool = Fals
 
     weights_apart: the weights go to `dest` + ".data" beside it (ONNX external data), for onnxruntime to map.
     """
+    data = dest.with_name(dest.name + ".data") if weights_apart else None
     with _locked(dest):
-        if dest.exists():
+        if dest.exists() and (data is None or data.exists()):
             return dest
         import warnings
 
@@ -266,12 +268,14 @@ def _exported(dest: Path, build: Callable[[], tuple], weights_apart: bool = Fals
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notices
             torch.onnx.export(model.eval(), example, str(tmp), dynamo=False, opset_version=17, **options)
-        if weights_apart:
+        if data is not None:
             import onnx
 
-            # Written before `dest` appears: a start killed in between exports again, over the same name.
+            # Written before `dest` appears; onnx appends to a data file already there (a start killed
+            # between the two), so one left behind goes first.
+            data.unlink(missing_ok=True)
             onnx.save_model(onnx.load(str(tmp)), str(tmp), save_as_external_data=True,
-                            all_tensors_to_one_file=True, location=dest.name + ".data", size_threshold=1024)
+                            all_tensors_to_one_file=True, location=data.name, size_threshold=1024)
         tmp.replace(dest)
     return dest
 

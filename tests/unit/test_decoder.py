@@ -160,3 +160,10 @@ def test_the_streamer_hands_on_each_token_at_once_but_never_half_a_character(cau
     streamer.end()
     assert len(pieces) > len(text.split())  # word pieces, not whole words
     assert not any("\ufffd" in piece for piece in pieces)
+    # A reply cut inside a character (the token limit, Stop) ends without its half.
+    half = next(i for i in range(len(ids)) if tokenizer.decode(ids[: i + 1]).endswith("\ufffd"))
+    streamer = _TokenStreamer(tokenizer, skip_special_tokens=True)
+    for token in ids[: half + 1]:
+        streamer.put(torch.tensor([[token]]))
+    streamer.end()
+    assert "".join(streamer) == tokenizer.decode(ids[:half])

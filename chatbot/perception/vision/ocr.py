@@ -90,14 +90,17 @@ class TextReader(ImageAnalyzer):
 
 # Text detection's working memory grows with its input's area. RapidOCR brings a photo's short side to at
 # least 736 px: a 600×400 photo became 1104×736 (+140 MB at its peak), but a 1600×1200 one kept all its
-# pixels (+360 MB). Inputs larger than the first are scaled down to its area (+160 MB); the recogniser still
-# reads the words from the photo at its own size.
+# pixels (+360 MB), and a 1200×300 banner became 2944×736. Inputs larger than the first are scaled down to
+# its area (+160 MB; the banner to 1792×448); the recogniser still reads the words from the photo at its size.
 _DETECTOR_PIXELS = 1104 * 736
 
 
 def _bounded_detector_input(detector):
-    """A replacement for RapidOCR's `TextDetector.get_preprocess`: its own sizing, down to at most
-    `_DETECTOR_PIXELS` (sides multiples of 32)."""
+    """A replacement for RapidOCR's `TextDetector.get_preprocess`: its own sizing (short side to at least
+    `limit_side_len`), down to at most `_DETECTOR_PIXELS` (sides multiples of 32). Its other sizing
+    ("max", by the longest side) is left as it is."""
+    if detector.limit_type != "min":
+        return detector.get_preprocess
     from rapidocr_onnxruntime.ch_ppocr_det.utils import DetPreProcess
 
     class Bounded(DetPreProcess):
