@@ -59,9 +59,8 @@ def _locked(target: Path):
 
 def join_parts(parts: list[Path], dest: Path, sha256: str | None = None) -> Path:
     """Concatenate `parts` into `dest` once, verifying the checksum of the result."""
-    data = dest.with_name(dest.name + ".data") if weights_apart else None
     with _locked(dest):
-        if dest.exists() and (data is None or data.exists()):
+        if dest.exists():
             return dest
         total = sum(p.stat().st_size for p in parts)
         log.info("Joining %d parts (%.0f MB) into %s ...", len(parts), total / 1e6, dest)

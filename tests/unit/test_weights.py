@@ -60,3 +60,19 @@ def test_an_export_with_its_weights_apart_starts_afresh_after_a_killed_one(tmp_p
     data.unlink()
     weights._exported(dest, build, weights_apart=True)
     assert data.stat().st_size == size
+
+
+def test_parts_are_joined_once_and_checked(tmp_path):
+    import hashlib
+
+    parts = [tmp_path / "a.part1", tmp_path / "a.part2"]
+    parts[0].write_bytes(b"first half,")
+    parts[1].write_bytes(b" second half")
+    digest = hashlib.sha256(b"first half, second half").hexdigest()
+    dest = tmp_path / "joined" / "model.bin"
+    assert weights.join_parts(parts, dest, digest) == dest and dest.read_bytes() == b"first half, second half"
+    parts[0].write_bytes(b"changed")
+    assert weights.join_parts(parts, dest, digest).read_bytes() == b"first half, second half"  # made once
+    with pytest.raises(ValueError, match="reinstall"):
+        weights.join_parts(parts, tmp_path / "other.bin", digest)
+    assert not (tmp_path / "other.bin").exists()
