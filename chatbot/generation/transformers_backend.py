@@ -88,12 +88,9 @@ class _TokenStreamer(TextIteratorStreamer):
             self.print_len = len(text)
         self.on_finalized_text(piece)
 
-    def end(self) -> None:
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
         # A reply cut inside a character (its token limit, Stop) ends without the half it has.
-        text = self.tokenizer.decode(self.token_cache, **self.decode_kwargs) if self.token_cache else ""
-        piece = text[self.print_len:].rstrip("\ufffd")
-        self.token_cache, self.print_len, self.next_tokens_are_prompt = [], 0, True
-        self.on_finalized_text(piece, stream_end=True)
+        super().on_finalized_text(text.rstrip("\ufffd") if stream_end else text, stream_end)
 
 
 class _StopOnEvent(StoppingCriteria):
