@@ -83,14 +83,13 @@ def prompt_ids(model_key: str, messages: list[dict]) -> list[int]:
 def _timed_generate(model, ids, max_new_tokens: int) -> tuple[float, float]:
     """Read the prompt as the app does (chunks into a KV cache; `generate` reads the last), then decode."""
     import torch
-    from transformers import DynamicCache
-
+    from chatbot.generation.decode_step import new_cache
     from chatbot.generation.transformers_backend import PREFILL_CHUNK, read_in_chunks
 
     clock = _TokenClock()
     start = time.perf_counter()
     with torch.inference_mode():
-        cache = DynamicCache(config=model.config)
+        cache = new_cache(model.config)
         read_in_chunks(model, ids[0, :-PREFILL_CHUNK], cache)
         # eos_token_id=None rather than min_new_tokens: the latter masks the whole vocabulary every step.
         model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens, eos_token_id=None,

@@ -320,7 +320,7 @@ class ChatService:
         finish: FinishReason | None = None
         try:
             messages = self.prompt(conv, settings)
-            pieces = self.generator.stream(messages, settings, running.stop)
+            pieces = self.generator.stream(messages, settings, running.stop, conversation=conv.id)
             try:
                 while True:
                     try:
@@ -359,12 +359,16 @@ class ChatService:
             # The whole of it: an ending held back as a possible stop string, or what came before a failure.
             yield before + reply
         if finished and not interrupted:  # a stop frees the CPU: nothing is read ahead after it
-            # While the user reads and types, read what the next prompt will start with: the window the next
-            # turns will move to (if near), else the history as it stands. The latter is needed because the
+            # While the user reads and types, read what the next prompt will start with: the history as it
+            # stands, then the window the next turns will move to (if near). The former is needed because the
             # tracked-state block sat in front of the question just answered and is gone from it next turn,
-            # so the cache holds that question and its reply behind a block the next prompt no longer has.
+            # so the cache holds that question and its reply behind a block the next prompt no longer has
+            # (reading only the moved window, the turns before a move read the last block, question and reply again).
             count, budget = self.generator.count_tokens, self.generator.prompt_budget(settings)
-            self.generator.prefill(conv.render_ahead(count, budget) or conv.render(count, budget))
+            self.generator.prefill(conv.render(count, budget), conversation=conv.id)
+            moved = conv.render_ahead(count, budget)
+            if moved:
+                self.generator.prefill(moved, conversation=conv.id)
 
     def _record(self, owner: str, conv: Conversation, before: str, reply: str, failure: str | None,
                 interrupted: bool, cut: bool, continuing: Turn | None, spoken: list[Attachment]) -> None:

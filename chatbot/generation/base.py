@@ -83,15 +83,16 @@ class ReplyGenerator(Protocol):
     def prompt_budget(self, settings: GenerationSettings) -> int:
         """How many tokens the rendered conversation may take, leaving room for the reply."""
 
-    def stream(self, messages: list[Message], settings: GenerationSettings,
-               stop: threading.Event | None = None) -> Generator[str, None, FinishReason | None]:
+    def stream(self, messages: list[Message], settings: GenerationSettings, stop: threading.Event | None = None,
+               conversation: str | None = None) -> Generator[str, None, FinishReason | None]:
         """Yield the reply in pieces as it is generated; setting `stop` ends it at the next token.
 
         When `messages` end with an assistant message, continue that message (no new reply header).
-        Return the FinishReason (the generator's return value).
+        Return the FinishReason (the generator's return value). `conversation` names the conversation
+        the messages come from (backends that keep caches per conversation use it).
         """
 
-    def prefill(self, messages: list[Message]) -> Future:
+    def prefill(self, messages: list[Message], conversation: str | None = None) -> Future:
         """Start reading a prompt prefix ahead of time (backends without a cache do nothing)."""
 
 

@@ -206,45 +206,71 @@ def _register_grouped_attention() -> None:
 GROWTH = 256
 
 
+class GrowingLayer(DynamicLayer):
+    """A DynamicLayer that writes what is read (a turn's tail, a chunk of a prompt) into spare room behind its
+    tensors, as the one-token step does, instead of concatenating: a 28-token read after 1,240 cached copied
+    the whole cache, 3.7 ms of a turn's first token that grew with the history.
+    """
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized or not self.keys.numel():
+            return super().update(key_states, value_states, *args, **kwargs)
+        return _grow(self, key_states, value_states)
+
+
+def new_cache(config) -> DynamicCache:
+    """An empty cache for a model of `config` whose full-attention layers grow in place (`GrowingLayer`)."""
+    cache = DynamicCache(config=config)
+    cache.layers = [GrowingLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    return cache
+
+
 def _append(cache: DynamicCache, index: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """`cache.update` for one position, written into spare room behind the layer's tensors (made if missing).
+    """`cache.update` for one position, written in place whatever made the cache (see `_grow`)."""
+    layer = cache.layers[index] if index < len(cache.layers) else None
+    if type(layer) not in (DynamicLayer, GrowingLayer) or not layer.is_initialized or not layer.keys.numel():
+        return cache.update(key, value.to(key.dtype), index)
+    return _grow(layer, key, value)
+
+
+def _grow(layer: DynamicLayer, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Append `key` and `value` ([1, heads, k, dim]) to the layer, in spare room behind its tensors (made if missing).
 
     The layer's keys and values stay plain tensors of the cached length (views of a longer buffer), so
     everything else that handles a DynamicCache (crop, copy, the model's own forward) works on them as before.
     """
-    layer = cache.layers[index] if index < len(cache.layers) else None
-    if type(layer) is not DynamicLayer or not layer.is_initialized or not layer.keys.numel():
-        return cache.update(key, value.to(key.dtype), index)
     keys, values = layer.keys, layer.values
-    if not (_has_room(keys) and _has_room(values)):
-        keys, values = _with_room(keys), _with_room(values)
+    added = key.shape[2]
+    if not (_has_room(keys, added) and _has_room(values, added)):
+        keys, values = _with_room(keys, added), _with_room(values, added)
     layer.keys, layer.values = _grown(keys, key), _grown(values, value)
     return layer.keys, layer.values
 
 
-def _has_room(t: torch.Tensor) -> bool:
-    """Whether the storage behind `t` ([1, heads, n, dim]) has position n free for each head.
+def _has_room(t: torch.Tensor, added: int) -> bool:
+    """Whether the storage behind `t` ([1, heads, n, dim]) has positions n to n + added free for each head.
 
     A layer's tensors are its own (concatenations, these buffers, or crops and deep copies of them), so what
     lies past their end is never anyone else's data.
     """
     _, heads, n, dim = t.shape
-    return (t.shape[0] == 1 and t.stride(3) == 1 and t.stride(2) == dim and (heads == 1 or t.stride(1) >= (n + 1) * dim)
-            and t.storage_offset() + (heads - 1) * t.stride(1) + (n + 1) * dim
+    end = n + added
+    return (t.shape[0] == 1 and t.stride(3) == 1 and t.stride(2) == dim and (heads == 1 or t.stride(1) >= end * dim)
+            and t.storage_offset() + (heads - 1) * t.stride(1) + end * dim
             <= t.untyped_storage().nbytes() // t.element_size())
 
 
-def _with_room(t: torch.Tensor) -> torch.Tensor:
+def _with_room(t: torch.Tensor, added: int) -> torch.Tensor:
     _, heads, n, dim = t.shape
-    buffer = t.new_empty(1, heads, n + GROWTH, dim)
+    buffer = t.new_empty(1, heads, n + added + GROWTH, dim)
     buffer[:, :, :n] = t
     return buffer[:, :, :n]
 
 
-def _grown(t: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
+def _grown(t: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     _, heads, n, dim = t.shape
-    grown = t.as_strided((1, heads, n + 1, dim), t.stride())
-    grown[:, :, n:] = row
+    grown = t.as_strided((1, heads, n + rows.shape[2], dim), t.stride())
+    grown[:, :, n:] = rows
     return grown
 
 

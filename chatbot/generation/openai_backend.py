@@ -62,11 +62,11 @@ class OpenAIGenerator:
     def prompt_budget(self, settings: GenerationSettings) -> int:
         return prompt_budget(self.context_tokens, settings)
 
-    def prefill(self, messages: list[Message]) -> Future:
+    def prefill(self, messages: list[Message], conversation: str | None = None) -> Future:
         return done()  # the server keeps its own caches
 
-    def stream(self, messages: list[Message], settings: GenerationSettings,
-               stop: threading.Event | None = None) -> Generator[str, None, FinishReason | None]:
+    def stream(self, messages: list[Message], settings: GenerationSettings, stop: threading.Event | None = None,
+               conversation: str | None = None) -> Generator[str, None, FinishReason | None]:
         sampling = {"temperature": settings.temperature}
         if settings.temperature > 0:
             sampling["top_p"] = settings.top_p

@@ -24,7 +24,6 @@ from transformers import (
     AutoModelForCausalLM,
     AutoModelForSeq2SeqLM,
     AutoTokenizer,
-    DynamicCache,
     LogitsProcessor,
     LogitsProcessorList,
     PreTrainedTokenizerFast,
@@ -217,7 +216,7 @@ class TransformersGenerator(ABC):
         """The registry's entry point: the model the settings name (bundled key, folder or hub id)."""
         return load_generator(config.text_model, quantization=config.quantize, max_context=config.max_context)
 
-    def prefill(self, messages: list[Message]) -> Future:
+    def prefill(self, messages: list[Message], conversation: str | None = None) -> Future:
         """Start reading a prompt prefix (the system prompt, a moved window) into the cache ahead of time.
 
         It runs on the model thread in chunks and stops early when a reply is waiting; what was
@@ -244,8 +243,8 @@ class TransformersGenerator(ABC):
     def encode_prompt(self, messages: list[Message]) -> dict[str, torch.Tensor]:
         """Tokenised model inputs for `messages` (batch of one)."""
 
-    def stream(self, messages: list[Message], settings: GenerationSettings,
-               stop: threading.Event | None = None) -> Generator[str, None, FinishReason]:
+    def stream(self, messages: list[Message], settings: GenerationSettings, stop: threading.Event | None = None,
+               conversation: str | None = None) -> Generator[str, None, FinishReason]:
         """Yield the reply in pieces as it is generated; setting `stop` ends it early. Returns why it ended."""
         stop = stop or threading.Event()
         abandoned = threading.Event()  # our own signal, so the caller's `stop` keeps meaning "user asked"
@@ -263,14 +262,14 @@ class TransformersGenerator(ABC):
                 with self._lock, torch.inference_mode():
                     if not stopped():
                         ids = inputs["input_ids"][0]
-                        cache = self._reusable_cache(ids)
+                        cache = self._reusable_cache(ids, conversation)
                         if cache is not None:
                             # A long prompt is read chunk by chunk so a stop is honoured while it is read;
                             # `generate` reads the last chunk and starts the reply from its logits.
                             self._read(ids[:-PREFILL_CHUNK], cache, keep_going=lambda: not stopped())
                             if stopped():
                                 if cache.get_seq_length():
-                                    self.prefix_cache.put(ids, cache)  # what was read serves the next try
+                                    self.prefix_cache.put(ids, cache, conversation)  # it serves the next try
                                 return
                         sequences = self.model.generate(
                             **inputs, **settings.generate_kwargs(), streamer=streamer,
@@ -282,7 +281,7 @@ class TransformersGenerator(ABC):
                             **({"past_key_values": cache} if cache is not None else {}))
                         generated.append(self._new_tokens(inputs, sequences))
                         if cache is not None:
-                            self.prefix_cache.put(sequences[0], cache)
+                            self.prefix_cache.put(sequences[0], cache, conversation)
             except BaseException as error:  # noqa: BLE001 - surfaced in the consumer's thread below
                 failure.append(error)
             finally:
@@ -320,11 +319,11 @@ class TransformersGenerator(ABC):
         """Extend `cache` over `ids` chunk by chunk while `keep_going()` (call under the lock, on the model thread)."""
         read_in_chunks(self.model, ids, cache, keep_going)
 
-    def _reusable_cache(self, ids: torch.Tensor):
+    def _reusable_cache(self, ids: torch.Tensor, conversation: str | None, ahead: bool = False):
         """A KV cache already holding the longest known prefix of `ids` (or an empty one to fill)."""
         if self.prefix_cache is None:
             return None
-        return self.prefix_cache.take(ids) or DynamicCache(config=self.model.config)
+        return self.prefix_cache.take(ids, conversation, ahead) or decode_step.new_cache(self.model.config)
 
 
 class CausalChatGenerator(TransformersGenerator):
@@ -334,21 +333,21 @@ class CausalChatGenerator(TransformersGenerator):
         super().__init__(*args, **kwargs)
         self.prefix_cache = PrefixCache(max_bytes=budget_for(self.model.config, self.context_tokens))
 
-    def prefill(self, messages: list[Message]) -> Future:
+    def prefill(self, messages: list[Message], conversation: str | None = None) -> Future:
         ids = self.tokenizer.apply_chat_template(_chat(messages), return_dict=True, return_tensors="pt")["input_ids"]
-        reading = _MODEL_THREAD.submit(self._prefill, ids[0])
+        reading = _MODEL_THREAD.submit(self._prefill, ids[0], conversation)
         reading.add_done_callback(_log_failure)  # nobody waits on a read-ahead: its errors would go unseen
         return reading
 
-    def _prefill(self, ids: torch.Tensor) -> None:
+    def _prefill(self, ids: torch.Tensor, conversation: str | None) -> None:
         with self._lock, torch.inference_mode():
             if self.prefix_cache is None:
                 return
-            cache = self._reusable_cache(ids)
-            start = cache.get_seq_length()
+            cache = self._reusable_cache(ids, conversation, ahead=True)
             self._read(ids, cache, keep_going=lambda: not self._replies_waiting)
-            if cache.get_seq_length() > start:
-                self.prefix_cache.put(ids, cache)
+            # Also what was taken and not read further (a reply came first) goes back: it is the reply's.
+            if cache.get_seq_length():
+                self.prefix_cache.put(ids, cache, conversation)
 
     def encode_prompt(self, messages: list[Message]) -> dict[str, torch.Tensor]:
         # A trailing assistant message is a reply to continue: no new reply header after it.

@@ -40,8 +40,8 @@ class CannedGenerator:
     def prompt_budget(self, settings: GenerationSettings) -> int:
         return prompt_budget(self.context_tokens, settings)
 
-    def stream(self, messages: list[Message], settings: GenerationSettings,
-               stop: threading.Event | None = None) -> Generator[str, None, FinishReason]:
+    def stream(self, messages: list[Message], settings: GenerationSettings, stop: threading.Event | None = None,
+               conversation: str | None = None) -> Generator[str, None, FinishReason]:
         self.prompts.append(list(messages))
         asked = next((m.content.split() for m in reversed(messages) if m.role is Role.USER), []) or ["nothing"]
         reply = WORDS + asked
@@ -53,7 +53,7 @@ class CannedGenerator:
             yield word if i + start == 0 else " " + word
         return FinishReason.LENGTH if len(reply) - start > settings.max_new_tokens else FinishReason.STOP
 
-    def prefill(self, messages: list[Message]) -> Future:
+    def prefill(self, messages: list[Message], conversation: str | None = None) -> Future:
         return done()
 
 

@@ -124,6 +124,33 @@ def test_the_cache_grows_in_place_and_still_crops_copies_and_reads_prompts():
         torch.testing.assert_close(layer_ours.values, layer_theirs.values)
 
 
+def test_reads_into_a_new_cache_grow_it_in_place_with_the_models_numbers():
+    model = tiny("qwen2", "int4")
+    original = model.forward
+    decode_step.attach(model)
+    with torch.inference_mode():
+        ours, theirs = decode_step.new_cache(model.config), DynamicCache(config=model.config)
+        for chunk in (PROMPT[:, :3], PROMPT[:, 3:5]):  # the second read makes room behind the cache
+            model(input_ids=chunk, past_key_values=ours)
+            original(input_ids=chunk, past_key_values=theirs)
+        storages = [layer.keys.untyped_storage().data_ptr() for layer in ours.layers]
+        for chunk in (PROMPT[:, 5:9], PROMPT[:, :1], PROMPT[:, 1:7]):  # prompt tails and a step
+            torch.testing.assert_close(model(input_ids=chunk, past_key_values=ours).logits,
+                                       original(input_ids=chunk, past_key_values=theirs).logits, rtol=1e-4, atol=1e-4)
+        # A DynamicCache concatenates at every read, copying the whole cache: this one wrote into its room.
+        assert [layer.keys.untyped_storage().data_ptr() for layer in ours.layers] == storages
+        ours, theirs = copy.deepcopy(ours), copy.deepcopy(theirs)
+        ours.crop(-4)
+        theirs.crop(-4)
+        for chunk in (PROMPT[:, 2:8], PROMPT[:, :1]):
+            torch.testing.assert_close(model(input_ids=chunk, past_key_values=ours).logits,
+                                       original(input_ids=chunk, past_key_values=theirs).logits, rtol=1e-4, atol=1e-4)
+    for layer_ours, layer_theirs in zip(ours.layers, theirs.layers):
+        assert type(layer_ours) is decode_step.GrowingLayer
+        torch.testing.assert_close(layer_ours.keys, layer_theirs.keys)
+        torch.testing.assert_close(layer_ours.values, layer_theirs.values)
+
+
 def test_prompts_and_padded_batches_go_to_the_models_own_forward():
     model = tiny("qwen2")
     decode_step.attach(model)

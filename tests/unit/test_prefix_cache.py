@@ -163,8 +163,9 @@ def test_turns_where_the_window_moves_read_only_their_tail_when_read_ahead(tiny_
                                                                            read_ahead):
     monkeypatch.setattr(decoder, "PREFILL_CHUNK", 10_000)  # a reply reads its prompt in one pass: lengths[0]
     generator = load_generator(str(tiny_causal_dir), max_context=600)
+    generator.prefix_cache.max_bytes = 2**40
     if not read_ahead:
-        monkeypatch.setattr(generator, "prefill", lambda messages: None)
+        monkeypatch.setattr(generator, "prefill", lambda messages, conversation=None: None)
     store = ConversationStore(tmp_path / "data")
     service = ChatService(MultimodalEncoder(store.media_dir), generator, store, GenerationSettings(8, temperature=0),
                           system_prompt=SYSTEM.content)
@@ -181,6 +182,8 @@ def test_turns_where_the_window_moves_read_only_their_tail_when_read_ahead(tiny_
     # A turn's new tail is its question and the previous reply (~25 tokens); the window is several times that.
     if read_ahead:
         assert max(reads[1:]) < budget // 4
+        # Whatever the memory budget, the window in use and the one read ahead: the windows it left are gone.
+        assert len(generator.prefix_cache) <= 2
     else:
         assert max(reads[1:]) > budget // 2
 
@@ -209,6 +212,34 @@ def test_with_the_tracked_state_block_a_turn_reads_only_the_block_and_its_questi
             list(service.respond("key:ana", conv, question))
         assert seen.lengths[0] <= block_and_question + 2  # + the reply header's tokens at most
         wait_idle()  # the user reads the reply and types the next message
+
+
+def test_turns_before_a_window_move_also_read_only_the_block_and_their_question(tiny_causal_dir, tmp_path,
+                                                                                  monkeypatch):
+    """Near a move, both are read ahead after a reply: the history without the block, then the moved window."""
+    monkeypatch.setattr(decoder, "PREFILL_CHUNK", 10_000)  # a reply reads its prompt in one pass: lengths[0]
+    generator = load_generator(str(tiny_causal_dir), max_context=600)
+    store = ConversationStore(tmp_path / "data")
+    service = ChatService(MultimodalEncoder(store.media_dir), generator, store, GenerationSettings(8, temperature=0),
+                          system_prompt=SYSTEM.content)
+    budget = generator.prompt_budget(service.settings)
+    conv = service.new_conversation()
+    list(service.respond("key:ana", conv, "My daughter's name is Matilda and she is seven."))
+    wait_idle()
+    near = 0
+    for i in range(30):
+        question = f"What should my daughter eat tonight, number {i}?"
+        asked = Conversation.from_dict(conv.to_dict())
+        asked.add_user_turn(Turn(role=Role.USER, text=question))
+        prompt = service.prompt(asked)
+        assert "Matilda" in prompt[-1].content  # the block, in front of the question
+        block_and_question = prompt_length(generator, prompt) - prompt_length(generator, prompt[:-1])
+        near += conv.render_ahead(generator.count_tokens, budget) is not None
+        with PrefillLengths(generator.model) as seen:
+            list(service.respond("key:ana", conv, question))
+        assert seen.lengths[0] <= block_and_question + 2, i  # + the reply header's tokens at most
+        wait_idle()  # the user reads the reply and types the next message
+    assert near >= 3  # turns where the moved window was read ahead
 
 
 def test_pool_drops_the_oldest_entries_beyond_its_memory_budget(generator):
@@ -246,7 +277,7 @@ def test_a_stopped_reply_reads_nothing_ahead(tiny_causal_dir, tmp_path, monkeypa
     service = ChatService(MultimodalEncoder(store.media_dir), generator, store, GenerationSettings(64, temperature=0),
                           system_prompt=SYSTEM.content)
     asked = []
-    monkeypatch.setattr(generator, "prefill", lambda messages: asked.append(messages))
+    monkeypatch.setattr(generator, "prefill", lambda messages, conversation=None: asked.append(messages))
     conv = service.new_conversation()
     list(service.respond("key:ana", conv, "hello what is the weather today"))
     assert len(asked) == 1  # a finished reply: the start of the next prompt is read ahead
@@ -288,3 +319,57 @@ def test_reused_caches_give_the_logits_of_reading_each_prompt_from_scratch(tiny_
     assert sum(later < earlier for earlier, later in zip(window, window[1:])) >= 2  # the window moved
     assert sum(n > 0 for n in reused) >= len(reused) - 1  # nearly every reply started from a reused cache
     assert max(worst) < 1e-4  # float32 rounding only (3e-6 seen): no position, entry or crop is off
+
+
+def test_a_reply_moving_onto_a_window_read_ahead_for_it_drops_the_window_it_left(generator):
+    cache_for = cache_maker(generator)
+
+    shared = torch.arange(5, 15)
+    left, moved, other = (torch.cat([shared, torch.arange(start, start + 20)]) for start in (20, 50, 80))
+    pool = PrefixCache(min_reuse=1)
+    pool.put(other, cache_for(other), "bob")
+    pool.put(left, cache_for(left), "ana")  # ana's last reply
+    # Read ahead: the window ana's next turns move to, begun from a copy of the shared system prompt.
+    assert pool.take(moved, "ana", ahead=True).get_seq_length() == len(shared)
+    pool.put(moved, cache_for(moved), "ana")
+    still = torch.cat([left, torch.tensor([3])])
+    pool.put(still, pool.take(still, "ana"), "ana")  # a turn still on the old window keeps the one read ahead
+    pool.put(left, pool.take(still, "ana", ahead=True), "ana")  # and so does reading that window again
+    further = torch.cat([moved, torch.tensor([9])])
+    pool.put(further, pool.take(further, "ana", ahead=True), "ana")  # or the moved one further
+    assert len(pool) == 3
+    assert pool.take(torch.cat([moved, torch.tensor([7])]), "ana").get_seq_length() == len(moved)
+    assert len(pool) == 1  # ana's old window went; bob's entry stays
+    assert pool.take(torch.cat([other, torch.tensor([1])]), "bob").get_seq_length() == len(other)
+
+
+def test_a_copy_for_another_conversation_holds_only_the_shared_prefix(generator):
+    cache_for = cache_maker(generator)
+
+    window = torch.arange(5, 105)
+    pool = PrefixCache(min_reuse=1)
+    pool.put(window, cache_for(window))
+    copied = pool.take(torch.cat([window[:10], torch.arange(200, 230)]))
+    assert copied.get_seq_length() == 10 and len(pool) == 1
+    for layer in copied.layers:
+        for t in (layer.keys, layer.values):
+            assert t.untyped_storage().nbytes() == t.numel() * t.element_size()  # not the 100-token window's storage
+
+
+def test_a_read_ahead_that_gives_way_to_a_reply_leaves_it_the_cache(generator, monkeypatch):
+    monkeypatch.setattr(decoder, "PREFILL_CHUNK", 10_000)  # a reply reads its prompt in one pass: lengths[0]
+    "".join(generator.stream(HISTORY[:2], GREEDY, conversation="ana"))
+    gate = threading.Event()
+    decoder._MODEL_THREAD.submit(gate.wait)  # keep the model thread busy while both are queued
+    replies = []
+    with PrefillLengths(generator.model) as seen:
+        ahead = generator.prefill(HISTORY, conversation="ana")
+        reply = threading.Thread(target=lambda: replies.append("".join(generator.stream(NEXT, GREEDY, conversation="ana"))))
+        reply.start()
+        while not generator._replies_waiting:
+            time.sleep(0.01)
+        gate.set()
+        reply.join(timeout=60)
+    assert ahead.result() is None and replies
+    # The read-ahead took the first reply's cache over and read nothing: the reply still reads only its tail.
+    assert seen.lengths[0] <= prompt_length(generator, NEXT) - prompt_length(generator, HISTORY[:2])
