@@ -83,6 +83,7 @@ def prompt_ids(model_key: str, messages: list[dict]) -> list[int]:
 def _timed_generate(model, ids, max_new_tokens: int) -> tuple[float, float]:
     """Read the prompt as the app does (chunks into a KV cache; `generate` reads the last), then decode."""
     import torch
+
     from chatbot.generation.decode_step import new_cache
     from chatbot.generation.transformers_backend import PREFILL_CHUNK, read_in_chunks
 
