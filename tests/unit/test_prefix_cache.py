@@ -143,19 +143,26 @@ def test_prefill_reads_in_chunks_and_the_next_turn_reads_only_its_new_tail(gener
 
 def test_prefill_gives_way_to_a_reply_waiting_for_the_model(generator, monkeypatch):
     monkeypatch.setattr(decoder, "PREFILL_CHUNK", 10_000)  # a reply reads its prompt in one pass: lengths[0]
+    lengths = read_ahead_then_reply(generator)
+    assert lengths[0] == prompt_length(generator, NEXT)  # nothing was read ahead: the reply came first
+
+
+def read_ahead_then_reply(generator, conversation: str | None = None) -> list[int]:
+    """HISTORY read ahead and a reply to NEXT queued behind it on the model thread; the lengths read."""
     gate = threading.Event()
     decoder._MODEL_THREAD.submit(gate.wait)  # keep the model thread busy while both are queued
     replies = []
     with PrefillLengths(generator.model) as seen:
-        ahead = generator.prefill(HISTORY)
-        reply = threading.Thread(target=lambda: replies.append("".join(generator.stream(NEXT, GREEDY))))
+        ahead = generator.prefill(HISTORY, conversation=conversation)
+        reply = threading.Thread(
+            target=lambda: replies.append("".join(generator.stream(NEXT, GREEDY, conversation=conversation))))
         reply.start()
         while not generator._replies_waiting:
             time.sleep(0.01)
         gate.set()
         reply.join(timeout=60)
     assert ahead.result() is None and replies
-    assert seen.lengths[0] == prompt_length(generator, NEXT)  # nothing was read ahead: the reply came first
+    return seen.lengths
 
 
 @pytest.mark.parametrize("read_ahead", [True, False])
@@ -359,17 +366,6 @@ def test_a_copy_for_another_conversation_holds_only_the_shared_prefix(generator)
 def test_a_read_ahead_that_gives_way_to_a_reply_leaves_it_the_cache(generator, monkeypatch):
     monkeypatch.setattr(decoder, "PREFILL_CHUNK", 10_000)  # a reply reads its prompt in one pass: lengths[0]
     "".join(generator.stream(HISTORY[:2], GREEDY, conversation="ana"))
-    gate = threading.Event()
-    decoder._MODEL_THREAD.submit(gate.wait)  # keep the model thread busy while both are queued
-    replies = []
-    with PrefillLengths(generator.model) as seen:
-        ahead = generator.prefill(HISTORY, conversation="ana")
-        reply = threading.Thread(target=lambda: replies.append("".join(generator.stream(NEXT, GREEDY, conversation="ana"))))
-        reply.start()
-        while not generator._replies_waiting:
-            time.sleep(0.01)
-        gate.set()
-        reply.join(timeout=60)
-    assert ahead.result() is None and replies
+    lengths = read_ahead_then_reply(generator, "ana")
     # The read-ahead took the first reply's cache over and read nothing: the reply still reads only its tail.
-    assert seen.lengths[0] <= prompt_length(generator, NEXT) - prompt_length(generator, HISTORY[:2])
+    assert lengths[0] <= prompt_length(generator, NEXT) - prompt_length(generator, HISTORY[:2])
