@@ -208,8 +208,8 @@ GROWTH = 256
 
 class GrowingLayer(DynamicLayer):
     """A DynamicLayer that writes what is read (a turn's tail, a chunk of a prompt) into spare room behind its
-    tensors, as the one-token step does, instead of concatenating: a 28-token read after 1,240 cached copied
-    the whole cache, 3.7 ms of a turn's first token that grew with the history.
+    tensors, as the one-token step does, instead of concatenating, which copies the whole cache at every read
+    (28 tokens read after 1,240 cached: 190.4 → 188.5 ms, medians of 10 alternating runs).
     """
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
