@@ -213,7 +213,7 @@ class GrowingLayer(DynamicLayer):
     """
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if not self.is_initialized or not self.keys.numel():
+        if not self.is_initialized or not self.keys.numel() or key_states.shape[0] != 1:  # batches concatenate
             return super().update(key_states, value_states, *args, **kwargs)
         return _grow(self, key_states, value_states)
 

@@ -119,12 +119,16 @@ def _copy_prefix(cache: Cache, length: int) -> Cache:
 
     Its tensors are copied as their first `length` positions (given to deepcopy as already copied): a deep copy
     of the whole copies their whole storage, a window of 39 MB where 114 tokens of a system prompt (3 MB) were
-    wanted, and a cache that grows in place keeps that storage.
+    wanted, and a cache that grows in place keeps that storage. Sliding-window layers (whose positions are not
+    their tensors' rows) are copied whole and cropped as transformers does.
     """
-    prefixes = {id(t): t[..., :length, :].clone() for layer in getattr(cache, "layers", ())
-                for t in (layer.keys, layer.values) if isinstance(t, torch.Tensor)}
-    copied = copy.deepcopy(cache, memo=prefixes)
-    copied.crop(length - copied.get_seq_length())  # a cache of another kind, whose tensors were not seen
+    layers = getattr(cache, "layers", ())
+    if any(getattr(layer, "is_sliding", False) for layer in layers):
+        copied = copy.deepcopy(cache)
+    else:
+        copied = copy.deepcopy(cache, memo={id(t): t[..., :length, :].clone() for layer in layers
+                                            for t in (layer.keys, layer.values) if isinstance(t, torch.Tensor)})
+    copied.crop(length - copied.get_seq_length())
     return copied
 
 

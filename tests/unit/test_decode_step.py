@@ -193,3 +193,13 @@ def test_architectures_it_does_not_know_keep_their_forward():
     forward = model.forward
     assert not decode_step.attach(model)
     assert model.forward == forward
+
+
+def test_batched_reads_into_a_new_cache_give_the_models_numbers():
+    model = tiny("qwen2")
+    batch = torch.cat([PROMPT, PROMPT.flip(1)])
+    with torch.inference_mode():
+        ours, theirs = decode_step.new_cache(model.config), DynamicCache(config=model.config)
+        for chunk in (batch[:, :4], batch[:, 4:7], batch[:, 7:]):
+            torch.testing.assert_close(model(input_ids=chunk, past_key_values=ours).logits,
+                                       model(input_ids=chunk, past_key_values=theirs).logits)

@@ -369,3 +369,17 @@ def test_a_read_ahead_that_gives_way_to_a_reply_leaves_it_the_cache(generator, m
     lengths = read_ahead_then_reply(generator, "ana")
     # The read-ahead took the first reply's cache over and read nothing: the reply still reads only its tail.
     assert lengths[0] <= prompt_length(generator, NEXT) - prompt_length(generator, HISTORY[:2])
+
+
+def test_a_copy_of_a_sliding_window_cache_keeps_the_shared_prefix():
+    from transformers import DynamicCache, MistralConfig
+
+    config = MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, sliding_window=16)
+    cache = DynamicCache(config=config)
+    for index in range(2):
+        cache.update(torch.randn(1, 2, 12, 8), torch.randn(1, 2, 12, 8), index)
+    pool = PrefixCache(min_reuse=1)
+    pool.put(torch.arange(12), cache)
+    copied = pool.take(torch.cat([torch.arange(4), torch.arange(50, 60)]))
+    assert copied.get_seq_length() == 4 and [layer.keys.shape[2] for layer in copied.layers] == [4, 4]
