@@ -16,8 +16,6 @@ from dataclasses import dataclass
 import torch
 from transformers import Cache
 
-from chatbot.generation import decode_step
-
 
 @dataclass(eq=False)  # entries are compared by identity; tensors have no truth value
 class _Entry:
@@ -97,21 +95,20 @@ class PrefixCache:
         return len(self._entries)
 
 
-def budget_for(config, context_tokens: int) -> int:
+def budget_for(config, context_tokens: int, spare: int = 0) -> int:
     """Bytes for two full windows of `context_tokens` and a system prompt, for a model of this config.
 
     Two, because a conversation's window and the moved window its read-ahead prepared (turns before it
     is needed) must both stay: with room for one (64 MB), the read-ahead was evicted by the next turn and
     the turn that moved the window read all of it again (1,513 tokens instead of 31, bench_app's chat).
-    Each window may also hold spare room behind its tokens, where the next read is written (`decode_step.GROWTH`
-    positions and a chunk of a prompt at most).
+    Each window may also hold up to `spare` positions of room behind its tokens, where the next read is written.
     """
     text = getattr(config, "text_config", None) or config
     heads = text.num_attention_heads
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // heads
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
     per_token = text.num_hidden_layers * 2 * kv_heads * head_dim * 4  # keys and values, float32 on the CPU
-    return (2 * (context_tokens + decode_step.GROWTH + 64) + 256) * per_token
+    return (2 * (context_tokens + spare) + 256) * per_token
 
 
 def _copy_prefix(cache: Cache, length: int) -> Cache:

@@ -331,7 +331,9 @@ class CausalChatGenerator(TransformersGenerator):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.prefix_cache = PrefixCache(max_bytes=budget_for(self.model.config, self.context_tokens))
+        # A growing cache keeps up to GROWTH positions and a read's chunk of room behind its tokens.
+        spare = decode_step.GROWTH + PREFILL_CHUNK
+        self.prefix_cache = PrefixCache(max_bytes=budget_for(self.model.config, self.context_tokens, spare))
 
     def prefill(self, messages: list[Message], conversation: str | None = None) -> Future:
         ids = self.tokenizer.apply_chat_template(_chat(messages), return_dict=True, return_tensors="pt")["input_ids"]
