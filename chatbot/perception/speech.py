@@ -7,8 +7,10 @@ one on disk or can reach the hub). `load_recognizer` picks one from a spec.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import sys
 import threading
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
@@ -68,7 +70,39 @@ class WhisperSettings:
 
 def _cpu_threads() -> int:
     # CTranslate2's default (4) oversubscribes small machines; more than 4 barely helps a base model.
-    return max(1, min(4, len(os.sched_getaffinity(0))))
+    return max(1, min(4, len(os.sched_getaffinity(0)))) if _own_openmp() else 1
+
+
+def faster_whisper():
+    """The faster_whisper module (heavy: CTranslate2, onnxruntime), imported on first use, after `_own_openmp`."""
+    _own_openmp()
+    import faster_whisper as module
+
+    return module
+
+
+@functools.cache
+def _own_openmp() -> bool:
+    """Import CTranslate2 bound to the OpenMP runtime its wheel bundles; whether that could be done.
+
+    Loaded as usual, CTranslate2's OpenMP calls bind to torch's libgomp (loaded first, for the whole process), and
+    the team Whisper ran left libgomp managing more threads than there are CPUs: it then stopped spinning at its
+    barriers and slept at each one, and every reply after the first recording decoded ≈45 % slower (120 tokens
+    3.2 → 4.7-5.8 s, 370 → 31,000 voluntary context switches), also after the model was released. Loaded with
+    RTLD_DEEPBIND, CTranslate2 looks in its own libraries first. Where that cannot be done (another platform, or
+    CTranslate2 already imported), Whisper runs on one thread, which starts no team (a 3.6 s recording is then
+    heard in 1.9 s instead of 1.2 s).
+    """
+    deepbind = getattr(os, "RTLD_DEEPBIND", 0)
+    if not deepbind or "ctranslate2" in sys.modules:
+        return False
+    flags = sys.getdlopenflags()
+    sys.setdlopenflags(flags | deepbind)
+    try:
+        import ctranslate2  # noqa: F401
+    finally:
+        sys.setdlopenflags(flags)
+    return True
 
 
 class FasterWhisperRecognizer(SpeechRecognizer):
@@ -76,11 +110,9 @@ class FasterWhisperRecognizer(SpeechRecognizer):
 
     def __init__(self, model_dir: str | Path, *, language: str | None = None, name: str | None = None,
                  settings: WhisperSettings = WhisperSettings()) -> None:
-        from faster_whisper import (
-            WhisperModel,  # heavy (CTranslate2, ONNX runtime): import on first load
-        )
-
         from chatbot.perception.onnx import onnxruntime
+
+        WhisperModel = faster_whisper().WhisperModel  # noqa: N806 - the class
 
         onnxruntime()  # telemetry off before the voice-activity filter creates its ONNX session
 
@@ -138,6 +170,7 @@ class TransformersRecognizer(SpeechRecognizer):
         # English-only Whisper checkpoints have no language tokens but only ever produce English.
         return {token.strip("<|>") for token in self._lang_to_id} if self._lang_to_id else {"en"}
 
+    @footprint.in_passing_thread
     def transcribe(self, clip: AudioClip, language_hint: str | None = None, language: str | None = None) -> Transcript:
         import torch
 

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from chatbot import footprint
+
 SAMPLE_RATE = 16_000
 WINDOW = 512  # samples per VAD decision (32 ms); the Silero model's fixed input size at 16 kHz
 CONTEXT = 64  # samples of the previous window the model sees with each one
@@ -26,11 +28,11 @@ class SileroVad:
     """Speech probability per 32 ms window of a 16 kHz stream; keeps its state across calls."""
 
     def __init__(self) -> None:
-        from faster_whisper.vad import get_assets_path
-
         from chatbot.perception.onnx import session
+        from chatbot.perception.speech import faster_whisper
 
-        self._session = session(f"{get_assets_path()}/silero_vad_v6.onnx", threads=1)  # tiny model: one core
+        assets = faster_whisper().vad.get_assets_path()
+        self._session = session(f"{assets}/silero_vad_v6.onnx", threads=1)  # tiny model: one core
         self.reset()
 
     def reset(self) -> None:
@@ -226,6 +228,7 @@ class StreamResampler:
         return out.astype(np.float32)
 
 
+@footprint.in_passing_thread
 def to_16k(samples: np.ndarray, rate: int) -> np.ndarray:
     """Mono float samples at the VAD's and the echo guard's rate."""
     if rate == SAMPLE_RATE:

@@ -16,7 +16,7 @@ from chatbot.conversation.store import ConversationStore
 from chatbot.generation.base import GenerationSettings, LoadingGenerator, load_generator
 from chatbot.perception.encoder import MultimodalEncoder
 from chatbot.state import Attachment, AttachmentKind, Conversation, Observation, ObservationKind, Role, Turn
-from chatbot.web.page import FINISHED, MIC_ICON, ChatPage, chat_messages
+from chatbot.web.page import FINISHED, MIC_ICON, ChatPage, chat_messages, paced
 from tests.support import canned  # also registers the `canned` backend
 
 API = {"chat", "continue", "stop", "retry", "undo", "edit", "clear", "new_chat", "conversations", "open", "rename", "delete",
@@ -80,6 +80,27 @@ def test_a_turn_streams_copies_then_ends_with_what_is_stored(tmp_path):
     assert words(chats[1][1]) != words(chats[-1][1])  # an early update is not changed by later tokens
     stored = page.service.open(session.owner, session.conversation_id)
     assert chats[-1] == chat_messages(stored)
+
+
+def test_a_streamed_reply_is_paced_but_shows_its_first_words_and_its_end_at_once():
+    now = [0.0]
+
+    def replies():  # (seconds after the last, value): stored turn, first words, tokens 30 ms apart
+        for wait, value in [(0, ""), (0.4, "A"), (0.03, "A b"), (0.03, "A b c"), (0.03, "A b c d"),
+                            (0.03, "A b c d e"), (0.5, "A b c d e f"), (0.03, "A b c d e f g")]:
+            now[0] += wait
+            yield value
+
+    shown = list(paced(replies(), every=0.1, clock=lambda: now[0]))
+    assert shown == ["", "A", "A b c d e", "A b c d e f", "A b c d e f g"]
+
+
+def test_the_page_sends_a_fast_reply_in_a_few_updates(tmp_path):
+    page = make_page(canned.CannedGenerator(), tmp_path)
+    page.update_every = 60  # longer than the reply: only its first words and its end
+    chats, _ = send(page, ChatSession(), "hello what is the name of my cat")
+    replies = [words(c[1]) for c in chats[1:]]
+    assert len(replies) == 3 and len(replies[0].split()) == 1 and replies[2].startswith(replies[1]), replies
 
 
 def test_the_box_is_locked_while_replying_and_freed_at_the_end(page):

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
+import tempfile
+import textwrap
 import threading
 import wave
 from pathlib import Path
@@ -135,6 +140,52 @@ def test_concurrent_calls_give_the_same_answers(tiny_en, clips):
     for t in threads:
         t.join()
     assert results == expected
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="torch needs two threads for a team")
+@pytest.mark.parametrize("ctranslate2_first", [False, True], ids=["as-the-app", "ctranslate2-imported-first"])
+def test_hearing_a_recording_leaves_the_reply_models_threads_as_they_were(ctranslate2_first):
+    """torch's OpenMP threads keep spinning at their barriers after a recording was heard (a fresh process: libgomp's
+    state is process-wide), as the web server hears it: in a request thread that lives on, the model kept loaded.
+
+    A CTranslate2 team on torch's libgomp, or the recording's own torch ops in that thread, left libgomp with more
+    threads than CPUs: it slept and woke at every barrier, and the same matmuls switched context thousands of times
+    (replies ≈45 % slower). CTranslate2 imported by someone else first cannot get its own runtime: one thread then.
+    """
+    script = textwrap.dedent('''
+        import resource, threading, torch
+        $first
+        torch.set_num_threads(2)
+        a, w = torch.randn(128, 896), torch.randn(896, 896)
+        def switches():
+            before = resource.getrusage(resource.RUSAGE_SELF).ru_nvcsw
+            for _ in range(2000):
+                torch.mm(a, w)
+            return resource.getrusage(resource.RUSAGE_SELF).ru_nvcsw - before
+        before = switches()
+        from pathlib import Path
+        from chatbot.perception.encoder import MultimodalEncoder
+        from chatbot.perception.speech import load_recognizer
+        encoder = MultimodalEncoder(Path("$media"), recognizer=load_recognizer("whisper-tiny.en"))
+        heard, done = threading.Event(), threading.Event()
+        def request_thread():
+            print(encoder.encode("", ["tests/data/capital_of_france.wav"]).observations[0].text)
+            heard.set()
+            done.wait()
+        threading.Thread(target=request_thread).start()
+        heard.wait()
+        print(before, switches())
+        done.set()
+    ''')
+    root = Path(__file__).resolve().parents[2]
+    with tempfile.TemporaryDirectory() as media:
+        script = script.replace("$media", media).replace("$first", "import ctranslate2" if ctranslate2_first else "")
+        out = subprocess.run([sys.executable, "-c", script], cwd=root, capture_output=True, text=True, timeout=300,
+                             env={**os.environ, "PYTHONPATH": str(root)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "capital" in out.stdout.lower(), out.stdout
+    before, after = map(int, out.stdout.split()[-2:])
+    assert after <= before + 200, (before, after)  # 0 and 7,600-7,800 before either fix
 
 
 def test_english_only_model_refuses_another_language():

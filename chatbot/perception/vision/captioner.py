@@ -6,6 +6,7 @@ import logging
 import threading
 from pathlib import Path
 
+from chatbot import footprint
 from chatbot.errors import UserFacingError
 from chatbot.perception.images import LoadedImage
 from chatbot.perception.vision.base import ImageAnalyzer, downscaled
@@ -41,6 +42,7 @@ class Captioner(ImageAnalyzer):
                                   "in the local Hugging Face cache.") from error
         self._chat = bool(getattr(self._processor, "chat_template", None))
 
+    @footprint.in_passing_thread
     def caption(self, img: LoadedImage, question: str = "") -> str:
         """The model's words about `img`; for models that take a question, its answer to `question`."""
         import torch
