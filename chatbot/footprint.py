@@ -4,7 +4,7 @@ glibc gives threads their own malloc arenas (up to 8 per core) and keeps freed m
 after a photo's OCR or a recording's transcription, the pages of their temporary buffers stayed
 counted as this process's memory. torch's PyPI wheel links its CUDA libraries even on a machine
 without a GPU; loading them maps ≈130 MB of their code and constants that never run again.
-Outside Linux with glibc these calls do nothing. Threads count too: see `in_passing_thread`.
+Outside Linux with glibc these calls do nothing.
 """
 
 from __future__ import annotations
@@ -13,36 +13,12 @@ import ctypes
 import ctypes.util
 import functools
 import re
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import ParamSpec, TypeVar
 
 _M_ARENA_MAX = -8  # mallopt parameter, from glibc's malloc.h
 _MADV_DONTNEED = 4
 # The CUDA libraries of torch's wheel (nvidia-* packages, torch's own CUDA parts).
 _CUDA_LIBRARY = re.compile(r"/nvidia/|/lib(torch_cuda|c10_cuda|caffe2_nvrtc|torch_nvshmem)[^/]*\.so")
-
-
-_P = ParamSpec("_P")
-_R = TypeVar("_R")
-
-
-def in_passing_thread(fn: Callable[_P, _R]) -> Callable[_P, _R]:
-    """`fn` run in a thread of its own that ends with each call: for torch work off the reply model's thread.
-
-    A thread that has run a parallel torch op keeps an OpenMP worker for the rest of its life, and libgomp,
-    then managing more threads than there are CPUs, stops spinning at its barriers for the whole process:
-    the reply model's threads slept and woke at every one (7,700 context switches for 2,000 matmuls instead
-    of none; replies ≈45 % slower) for as long as the web server's request thread that decoded a recording
-    lived. A thread that ends takes its worker with it.
-    """
-    @functools.wraps(fn)
-    def run(*args: _P.args, **kwargs: _P.kwargs) -> _R:
-        with ThreadPoolExecutor(1, thread_name_prefix=fn.__name__) as thread:
-            return thread.submit(fn, *args, **kwargs).result()
-
-    return run
 
 
 @functools.cache

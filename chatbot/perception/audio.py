@@ -19,7 +19,7 @@ from pathlib import Path
 import av
 import torch
 
-from chatbot import footprint
+from chatbot import openmp
 from chatbot.errors import UserFacingError
 from chatbot.media import sniff
 from chatbot.state import AttachmentKind
@@ -51,7 +51,7 @@ class AudioClip:
     duration: float  # seconds of the original decoded audio, before trimming
 
 
-@footprint.in_passing_thread
+@openmp.in_passing_thread
 def load_audio(path: str | Path, *, max_seconds: float = 300.0) -> AudioClip:
     """Decode `path` and prepare it for speech recognition; bad input raises UserFacingError."""
     samples = _decode(Path(path), max_seconds)

@@ -7,17 +7,15 @@ one on disk or can reach the hub). `load_recognizer` picks one from a spec.
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
-import sys
 import threading
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from chatbot import footprint, weights
+from chatbot import footprint, openmp, weights
 from chatbot.errors import UserFacingError
 from chatbot.perception.on_demand import OnDemand
 
@@ -69,40 +67,9 @@ class WhisperSettings:
 
 
 def _cpu_threads() -> int:
-    # CTranslate2's default (4) oversubscribes small machines; more than 4 barely helps a base model.
-    return max(1, min(4, len(os.sched_getaffinity(0)))) if _own_openmp() else 1
-
-
-def faster_whisper():
-    """The faster_whisper module (heavy: CTranslate2, onnxruntime), imported on first use, after `_own_openmp`."""
-    _own_openmp()
-    import faster_whisper as module
-
-    return module
-
-
-@functools.cache
-def _own_openmp() -> bool:
-    """Import CTranslate2 bound to the OpenMP runtime its wheel bundles; whether that could be done.
-
-    Loaded as usual, CTranslate2's OpenMP calls bind to torch's libgomp (loaded first, for the whole process), and
-    the team Whisper ran left libgomp managing more threads than there are CPUs: it then stopped spinning at its
-    barriers and slept at each one, and every reply after the first recording decoded ≈45 % slower (120 tokens
-    3.2 → 4.7-5.8 s, 370 → 31,000 voluntary context switches), also after the model was released. Loaded with
-    RTLD_DEEPBIND, CTranslate2 looks in its own libraries first. Where that cannot be done (another platform, or
-    CTranslate2 already imported), Whisper runs on one thread, which starts no team (a 3.6 s recording is then
-    heard in 1.9 s instead of 1.2 s).
-    """
-    deepbind = getattr(os, "RTLD_DEEPBIND", 0)
-    if not deepbind or "ctranslate2" in sys.modules:
-        return False
-    flags = sys.getdlopenflags()
-    sys.setdlopenflags(flags | deepbind)
-    try:
-        import ctranslate2  # noqa: F401
-    finally:
-        sys.setdlopenflags(flags)
-    return True
+    # CTranslate2's default (4) oversubscribes small machines; more than 4 barely helps a base model. On torch's
+    # OpenMP runtime (see `chatbot.openmp`), a team of its own would slow the reply model: one thread then.
+    return max(1, min(4, len(os.sched_getaffinity(0)))) if openmp.import_ctranslate2() else 1
 
 
 class FasterWhisperRecognizer(SpeechRecognizer):
@@ -112,7 +79,8 @@ class FasterWhisperRecognizer(SpeechRecognizer):
                  settings: WhisperSettings = WhisperSettings()) -> None:
         from chatbot.perception.onnx import onnxruntime
 
-        WhisperModel = faster_whisper().WhisperModel  # noqa: N806 - the class
+        openmp.import_ctranslate2()
+        from faster_whisper import WhisperModel  # heavy (CTranslate2, onnxruntime): imported on first load
 
         onnxruntime()  # telemetry off before the voice-activity filter creates its ONNX session
 
@@ -170,7 +138,7 @@ class TransformersRecognizer(SpeechRecognizer):
         # English-only Whisper checkpoints have no language tokens but only ever produce English.
         return {token.strip("<|>") for token in self._lang_to_id} if self._lang_to_id else {"en"}
 
-    @footprint.in_passing_thread
+    @openmp.in_passing_thread
     def transcribe(self, clip: AudioClip, language_hint: str | None = None, language: str | None = None) -> Transcript:
         import torch
 
@@ -219,6 +187,7 @@ class OnDemandRecognizer(SpeechRecognizer):
             return recognizer.transcribe(clip, language_hint, language)
 
 
+@openmp.in_passing_thread  # a hub model's loading runs torch ops too
 def load_recognizer(spec: str = DEFAULT_SPEECH_MODEL, language: str | None = None) -> SpeechRecognizer:
     """A recogniser for `spec`: a bundled model key, a CTranslate2 folder, or a transformers id/folder.
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from chatbot import footprint
+from chatbot import openmp
 
 SAMPLE_RATE = 16_000
 WINDOW = 512  # samples per VAD decision (32 ms); the Silero model's fixed input size at 16 kHz
@@ -28,11 +28,12 @@ class SileroVad:
     """Speech probability per 32 ms window of a 16 kHz stream; keeps its state across calls."""
 
     def __init__(self) -> None:
-        from chatbot.perception.onnx import session
-        from chatbot.perception.speech import faster_whisper
+        openmp.import_ctranslate2()  # faster_whisper imports it; first, so Whisper keeps its threads
+        from faster_whisper.vad import get_assets_path
 
-        assets = faster_whisper().vad.get_assets_path()
-        self._session = session(f"{assets}/silero_vad_v6.onnx", threads=1)  # tiny model: one core
+        from chatbot.perception.onnx import session
+
+        self._session = session(f"{get_assets_path()}/silero_vad_v6.onnx", threads=1)  # tiny model: one core
         self.reset()
 
     def reset(self) -> None:
@@ -228,11 +229,13 @@ class StreamResampler:
         return out.astype(np.float32)
 
 
-@footprint.in_passing_thread
 def to_16k(samples: np.ndarray, rate: int) -> np.ndarray:
     """Mono float samples at the VAD's and the echo guard's rate."""
-    if rate == SAMPLE_RATE:
-        return samples.astype(np.float32)
+    return samples.astype(np.float32) if rate == SAMPLE_RATE else _resampled(samples, rate)
+
+
+@openmp.in_passing_thread
+def _resampled(samples: np.ndarray, rate: int) -> np.ndarray:
     import torch
     import torchaudio.functional as AF
 

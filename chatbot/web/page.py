@@ -19,7 +19,6 @@ import functools
 import html
 import inspect
 import logging
-import math
 import os
 import re
 import tempfile
@@ -52,7 +51,7 @@ STATIC = Path(__file__).resolve().parent / "static"
 OWNER_STORAGE_KEY = "multimodal-chatbot-owner"
 LAST_CONVERSATION_KEY = "multimodal-chatbot-last-conversation"  # reopened after a reload
 FINISHED = "Reply finished."
-UPDATE_EVERY = 0.2  # seconds between a streamed reply's updates (see `paced`)
+UPDATE_EVERY = 0.2
 # Shown under a reply that reached the token limit (the service marks it cut; Continue writes on).
 CUT_MARK = "\n\n*(cut short at the length limit: press Continue for more)*"
 # While a reply runs the box offers Stop in place of Send (the two also look different: static/page.css).
@@ -158,12 +157,11 @@ def _shown_errors(fn):
 def paced(replies: Iterable[str], every: float, clock: Callable[[], float] = time.monotonic) -> Iterator[str]:
     """A streamed reply's values at most one per `every` seconds (the newest then), the first words and the end at once.
 
-    Each update carries the whole chat, which Gradio walks (its files too) and diffs, on a thread that takes CPU from
-    the model's two: one update per token, the same 194-word reply took 13.6-19.9 s through the page at turn 11 (22
-    messages, one a recording) against 8.1-10.1 s at turn 3 (6.4 and 5.5 s without the page); 10.0 and 7.1 s now.
+    Each update carries the whole chat, which Gradio walks and diffs on a thread that takes CPU from the model's two
+    (README, "Replies after a recording, and through the page").
     """
     last = pending = None
-    shown_at = -math.inf
+    shown_at = 0.0
     for reply in replies:
         if last and clock() - shown_at < every:
             pending = reply
@@ -239,7 +237,7 @@ class ChatPage:
     """The chat page over one ChatService. Handlers are methods; `build()` returns the Gradio app."""
 
     def __init__(self, service: ChatService, browser_secret: str, concurrency_limit: int = 1,
-                 voice: VoiceOptions | None = None):
+                 voice: VoiceOptions | None = None, update_every: float = UPDATE_EVERY):
         """`browser_secret` encrypts the owner key in browsers; keep it across restarts or lists are lost.
 
         `voice`: spoken replies and call mode (chatbot.web.voice); None leaves them off the page.
@@ -252,7 +250,7 @@ class ChatPage:
         # Owner keys are unguessable; still, make guessing slow. Generous: one office behind one address opens
         # many new browsers (each a new key with no conversations yet).
         self._key_throttle = Throttle(free=20)
-        self.update_every = UPDATE_EVERY
+        self.update_every = update_every  # seconds between a streamed reply's updates (see `paced`)
 
     # -- who and where -------------------------------------------------------------------
     @staticmethod

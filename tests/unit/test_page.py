@@ -96,8 +96,10 @@ def test_a_streamed_reply_is_paced_but_shows_its_first_words_and_its_end_at_once
 
 
 def test_the_page_sends_a_fast_reply_in_a_few_updates(tmp_path):
-    page = make_page(canned.CannedGenerator(), tmp_path)
-    page.update_every = 60  # longer than the reply: only its first words and its end
+    store = ConversationStore(tmp_path / "data")
+    service = ChatService(MultimodalEncoder(store.media_dir), canned.CannedGenerator(), store,
+                          GenerationSettings(max_new_tokens=12, temperature=0))
+    page = ChatPage(service, "s" * 32, update_every=60)  # longer than the reply: only its first words and its end
     chats, _ = send(page, ChatSession(), "hello what is the name of my cat")
     replies = [words(c[1]) for c in chats[1:]]
     assert len(replies) == 3 and len(replies[0].split()) == 1 and replies[2].startswith(replies[1]), replies

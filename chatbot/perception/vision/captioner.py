@@ -6,7 +6,7 @@ import logging
 import threading
 from pathlib import Path
 
-from chatbot import footprint
+from chatbot import openmp
 from chatbot.errors import UserFacingError
 from chatbot.perception.images import LoadedImage
 from chatbot.perception.vision.base import ImageAnalyzer, downscaled
@@ -42,7 +42,7 @@ class Captioner(ImageAnalyzer):
                                   "in the local Hugging Face cache.") from error
         self._chat = bool(getattr(self._processor, "chat_template", None))
 
-    @footprint.in_passing_thread
+    @openmp.in_passing_thread
     def caption(self, img: LoadedImage, question: str = "") -> str:
         """The model's words about `img`; for models that take a question, its answer to `question`."""
         import torch
@@ -79,6 +79,7 @@ def _shorten(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
 
 
+@openmp.in_passing_thread  # loading runs torch ops too
 def _load_caption_model(model: str):
     """(processor, model, whether it takes a question) for a captioning, VQA or chat vision-language checkpoint."""
     import transformers
