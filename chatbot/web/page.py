@@ -356,6 +356,11 @@ class ChatPage:
         """The same after any other change (open, rename, undo...), with a quiet status line."""
         return self._after(session, query, request, "")
 
+    def after_load(self, session: ChatSession, query: str, request: gr.Request):
+        """`after_change` without the status line: a message sent while the page loaded may already say "Thinking…"."""
+        radio, title, _, *rest = self.after_change(session, query, request)
+        return radio, title, *rest
+
     def _after(self, session: ChatSession, query: str, request: gr.Request, words: str):
         _, conv = self.opened(session, request)
         radio, title = self.sidebar(session, request, query)
@@ -601,8 +606,9 @@ class ChatPage:
         def after(event):
             event.then(**changed)
 
-        after(demo.load(self.on_load, [c.owner_key, c.last_conversation], [session, c.owner_key, chatbot],
-                        api_visibility="private", queue=False, show_progress="hidden"))
+        demo.load(self.on_load, [c.owner_key, c.last_conversation], [session, c.owner_key, chatbot],
+                  api_visibility="private", queue=False, show_progress="hidden").then(
+            **dict(changed, fn=self.after_load, outputs=[o for o in refreshed if o is not c.status]))
         replied(box.submit(self.accept, [box, session], [chatbot, box, pending, c.status, c.continue_btn],
                          api_visibility="private", **ordered)
               .success(self.respond_accepted, [pending], turn_out, api_visibility="private", **reply))

@@ -69,6 +69,17 @@ def test_every_api_endpoint_is_named():
     assert not shown, shown
 
 
+def test_opening_the_page_leaves_the_status_line_to_a_message_sent_meanwhile():
+    class Idle:  # build() only needs these two from a service
+        def end_session(self, session): ...
+        def conversations(self, owner): return []
+
+    demo = ChatPage(Idle(), "s" * 32).build()
+    status = next(b for b in demo.blocks.values() if getattr(b, "elem_id", None) == "reply-status")
+    on_load = [f for f in demo.fns.values() if f.name in ("on_load", "after_load")]
+    assert len(on_load) == 2 and all(status not in f.outputs for f in on_load)  # "Thinking…" was blanked in CI
+
+
 def test_a_turn_streams_copies_then_ends_with_what_is_stored(tmp_path):
     page = make_page(canned.CannedGenerator(), tmp_path)
     chats, session = send(page, ChatSession(), "hello what is the name of my cat")
